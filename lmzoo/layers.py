@@ -1,0 +1,198 @@
+"""Shared layers: linears, embeddings and norms with logical axis names, attention, relative buckets.
+
+Family files compose these and state only what differs. Params are plain arrays named ``kernel``
+([in, out], i.e. the transpose of a torch ``Linear.weight``), ``bias``, ``embedding``, ``scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Linear",
+    "Embed",
+    "RMSNorm",
+    "LayerNorm",
+    "ACTIVATIONS",
+    "dot_product_attention",
+    "t5_relative_position_bucket",
+    "constrain",
+]
+
+Array = jax.Array
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh)."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel (+ bias)`` with kernel [in, out] carrying logical axes ``axes``."""
+
+    features: int
+    axes: tuple[str, str] = ("embed", "mlp")
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = default_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)), (self.features,), self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding table [num, features]; ``attend`` multiplies by its transpose (tied heads)."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple[str, str] = ("vocab", "embed")
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    embedding_init: Callable = nn.initializers.normal(stddev=1.0)
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, self.axes),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+class RMSNorm(nn.Module):
+    """T5 LayerNorm: ``w * x / sqrt(mean(x^2) + eps)``, statistics in float32, no bias, no centring."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(var + self.epsilon)
+        return (y.astype(self.param_dtype) * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Standard LayerNorm with weight and bias; statistics in float32."""
+
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def gelu_new(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": jax.nn.relu,
+    "gelu": gelu_exact,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "gelu_fast": gelu_new,
+    "tanh": jnp.tanh,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    bias: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    scale: float = 1.0,
+    dtype: Any = jnp.float32,
+    mask_value: Optional[float] = None,
+) -> tuple[Array, Array]:
+    """Plain XLA attention. q [B,Lq,H,D], k/v [B,Lk,H,D]; bias/mask broadcast to [B,H,Lq,Lk].
+
+    Masked scores are replaced by ``mask_value`` (default: the float32 minimum, as transformers
+    does, so a fully masked row attends uniformly instead of producing NaN). Softmax in float32.
+    Returns (out [B,Lq,H,D], probs [B,H,Lq,Lk]).
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype) * jnp.asarray(scale, dtype) if scale != 1.0 else q.astype(dtype), k.astype(dtype))
+    scores = scores.astype(jnp.float32)
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    if mask is not None:
+        fill = jnp.finfo(jnp.float32).min if mask_value is None else mask_value
+        scores = jnp.where(mask, scores, fill)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+    return out, probs
+
+
+def t5_relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucket of ``rel = key_pos - query_pos`` (transformers ``_relative_position_bucket``).
+
+    Works on numpy or jax integer arrays; the log is taken in float32 and truncated toward zero.
+    """
+    xp = jnp if isinstance(relative_position, jax.Array) else np
+    rel = relative_position
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (rel > 0).astype(xp.int32) * num_buckets
+        rel = xp.abs(rel)
+    else:
+        rel = -xp.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    relf = xp.maximum(rel, 1).astype(xp.float32)
+    large = xp.log(relf / xp.float32(max_exact)) / xp.float32(math.log(max_distance / max_exact)) * xp.float32(
+        num_buckets - max_exact
+    )
+    large = max_exact + large.astype(xp.int32)
+    large = xp.minimum(large, num_buckets - 1)
+    return buckets + xp.where(is_small, rel, large).astype(xp.int32)

@@ -1,0 +1,387 @@
+"""LongLM = T5 (v1.0 and v1.1 variants) as transformers' ``T5ForConditionalGeneration`` computes it.
+
+Pre-RMSNorm blocks, unscaled attention with a relative-position bias table that lives in block 0 of
+each stack and is shared by all its blocks, ReLU or gated-GELU FFN, tied head scaled by
+``d_model**-0.5`` (untied head unscaled). Attention inner width is ``num_heads*d_kv``, which may differ
+from d_model (LongLM-large).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .configuration import ConfigError, ModelConfig
+from .layers import ACTIVATIONS, Embed, Linear, RMSNorm, constrain, dot_product_attention, t5_relative_position_bucket
+from .modeling import PretrainedModel
+from .outputs import Seq2SeqLMOutput
+
+__all__ = ["T5Config", "T5Module", "T5ForConditionalGeneration", "model_class"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class T5Config(ModelConfig):
+    family = "t5"
+    model_type = "t5"
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: Optional[int] = None
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
+    dropout_rate: float = 0.1
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_decoder_layers is None:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        act = self.feed_forward_proj.split("-")[-1]
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"feed_forward_proj {self.feed_forward_proj!r}: unknown activation {act!r}")
+        parts = self.feed_forward_proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ConfigError(f"feed_forward_proj must be 'ACT' or 'gated-ACT', got {self.feed_forward_proj!r}")
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        act = self.feed_forward_proj.split("-")[-1]
+        # transformers maps "gated-gelu" to gelu_new (the tanh approximation).
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+    @classmethod
+    def from_hf_config(cls, hf, **runtime):
+        cfg = super().from_hf_config(hf, **runtime)
+        if hf.get("eos_token_id") is None or hf.get("pad_token_id") is None:
+            pass  # keep T5 defaults
+        return cfg
+
+    def to_hf_config(self):
+        out = super().to_hf_config()
+        out["is_encoder_decoder"] = True
+        out.setdefault("architectures", ["T5ForConditionalGeneration"])
+        act = self.feed_forward_proj.split("-")[-1]
+        out["dense_act_fn"] = "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
+        out["is_gated_act"] = self.is_gated
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+class T5Attention(nn.Module):
+    config: T5Config
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        self.q = Linear(c.inner_dim, axes=("embed", "joined_kv"), **kw)
+        self.k = Linear(c.inner_dim, axes=("embed", "joined_kv"), **kw)
+        self.v = Linear(c.inner_dim, axes=("embed", "joined_kv"), **kw)
+        self.o = Linear(c.d_model, axes=("joined_kv", "embed"), **kw)
+
+    def heads(self, x):
+        c = self.config
+        return x.reshape(x.shape[:-1] + (c.num_heads, c.d_kv))
+
+    def project_kv(self, x):
+        return self.heads(self.k(x)), self.heads(self.v(x))
+
+    def __call__(self, x, kv=None, *, bias=None, mask=None):
+        """x [B,Lq,D]; kv = (k [B,Lk,H,Dk], v) precomputed, or None for self-attention on x."""
+        q = self.heads(self.q(x))
+        k, v = kv if kv is not None else self.project_kv(x)
+        q = constrain(q, ("batch", "length", "act_heads", "kv"))
+        out, _ = dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0, dtype=self.config.compute_dtype)
+        out = out.reshape(out.shape[:2] + (self.config.inner_dim,))
+        return self.o(out)
+
+
+class T5MLP(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        act = ACTIVATIONS[c.activation]
+        if c.is_gated:
+            h = act(Linear(c.d_ff, axes=("embed", "mlp"), name="wi_0", **kw)(x)) * Linear(c.d_ff, axes=("embed", "mlp"), name="wi_1", **kw)(x)
+        else:
+            h = act(Linear(c.d_ff, axes=("embed", "mlp"), name="wi", **kw)(x))
+        h = constrain(h, ("batch", "length", "act_mlp"))
+        return Linear(c.d_model, axes=("mlp", "embed"), name="wo", **kw)(h)
+
+
+class T5Block(nn.Module):
+    config: T5Config
+    is_decoder: bool = False
+
+    def setup(self):
+        c = self.config
+        kw = dict(epsilon=c.layer_norm_epsilon, dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        self.self_attn_norm = RMSNorm(**kw)
+        self.self_attn = T5Attention(c)
+        if self.is_decoder:
+            self.cross_attn_norm = RMSNorm(**kw)
+            self.cross_attn = T5Attention(c)
+        self.mlp_norm = RMSNorm(**kw)
+        self.mlp = T5MLP(c)
+
+    def _clamp(self, x):
+        if x.dtype == jnp.float16:
+            big = jnp.finfo(jnp.float16).max - 1000
+            return jnp.clip(x, -big, big)
+        return x
+
+    def __call__(self, x, *, bias, mask, cross_kv=None, cross_mask=None, self_kv=None):
+        h = self.self_attn_norm(x)
+        x = self._clamp(x + self.self_attn(h, self_kv, bias=bias, mask=mask))
+        if self.is_decoder:
+            h = self.cross_attn_norm(x)
+            x = self._clamp(x + self.cross_attn(h, cross_kv, mask=cross_mask))
+        x = self._clamp(x + self.mlp(self.mlp_norm(x)))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+class T5Stack(nn.Module):
+    config: T5Config
+    is_decoder: bool = False
+
+    def setup(self):
+        c = self.config
+        n = c.num_decoder_layers if self.is_decoder else c.num_layers
+        self.relative_attention_bias = self.param(
+            "relative_attention_bias",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("relpos_buckets", "heads")),
+            (c.relative_attention_num_buckets, c.num_heads),
+            c.params_dtype,
+        )
+        self.blocks = [T5Block(c, is_decoder=self.is_decoder, name=f"block_{i}") for i in range(n)]
+        self.final_layer_norm = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.compute_dtype, param_dtype=c.params_dtype)
+
+    def position_bias(self, q_pos, k_pos):
+        """[1,H,Lq,Lk] bias for query positions q_pos [Lq] and key positions k_pos [Lk]."""
+        c = self.config
+        rel = k_pos[None, :] - q_pos[:, None]
+        buckets = t5_relative_position_bucket(
+            rel,
+            bidirectional=not self.is_decoder,
+            num_buckets=c.relative_attention_num_buckets,
+            max_distance=c.relative_attention_max_distance,
+        )
+        bias = jnp.take(self.relative_attention_bias, buckets, axis=0)  # [Lq,Lk,H]
+        return jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)
+
+    def __call__(self, x, *, mask, bias, cross_kvs=None, cross_mask=None, self_kvs=None):
+        for i, blk in enumerate(self.blocks):
+            x = blk(
+                x,
+                bias=bias,
+                mask=mask,
+                cross_kv=None if cross_kvs is None else cross_kvs[i],
+                cross_mask=cross_mask,
+                self_kv=None if self_kvs is None else self_kvs[i],
+            )
+        return self.final_layer_norm(x)
+
+
+class T5Module(nn.Module):
+    """The full encoder-decoder. Methods: ``encode``, ``decode``, ``decode_step``, ``__call__``."""
+
+    config: T5Config
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        self.shared = Embed(c.vocab_size, c.d_model, **kw)
+        self.encoder = T5Stack(c, is_decoder=False)
+        self.decoder = T5Stack(c, is_decoder=True)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(c.vocab_size, axes=("embed", "vocab"), **kw)
+
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.compute_dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        L = x.shape[1]
+        pos = jnp.arange(L)
+        bias = self.encoder.position_bias(pos, pos)
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+        return self.encoder(x, mask=mask, bias=bias)
+
+    def lm_logits(self, y):
+        c = self.config
+        if c.tie_word_embeddings:
+            return self.shared.attend(y * (c.d_model**-0.5))
+        return self.lm_head(y)
+
+    def cross_kvs(self, encoder_hidden):
+        return [blk.cross_attn.project_kv(encoder_hidden) for blk in self.decoder.blocks]
+
+    def decode(self, decoder_input_ids, encoder_hidden, attention_mask=None, decoder_attention_mask=None, decoder_inputs_embeds=None):
+        c = self.config
+        y = self.shared(decoder_input_ids) if decoder_inputs_embeds is None else decoder_inputs_embeds.astype(c.compute_dtype)
+        T = y.shape[1]
+        pos = jnp.arange(T)
+        bias = self.decoder.position_bias(pos, pos)
+        causal = pos[None, :] <= pos[:, None]
+        mask = causal[None, None]
+        if decoder_attention_mask is not None:
+            mask = mask & decoder_attention_mask[:, None, None, :].astype(bool)
+        cross_mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+        h = self.decoder(y, mask=mask, bias=bias, cross_kvs=self.cross_kvs(encoder_hidden), cross_mask=cross_mask)
+        return h, self.lm_logits(h)
+
+    def decode_step(self, tokens, index, cache, cross_kvs, cross_mask):
+        """One decoding step for every row: tokens [N], index = position; cache: per-block (k, v) [N,S,H,Dk]."""
+        c = self.config
+        y = self.shared(tokens[:, None])
+        S = cache[0][0].shape[1]
+        kpos = jnp.arange(S)
+        bias = self.decoder.position_bias(jnp.reshape(index, (1,)), kpos)
+        mask = (kpos <= index)[None, None, None, :]
+        new_cache = []
+        x = y
+        for i, blk in enumerate(self.decoder.blocks):
+            h = blk.self_attn_norm(x)
+            k, v = blk.self_attn.project_kv(h)
+            kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k.astype(cache[i][0].dtype), index, axis=1)
+            vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v.astype(cache[i][1].dtype), index, axis=1)
+            new_cache.append((kc, vc))
+            x = blk._clamp(x + blk.self_attn(h, (kc, vc), bias=bias, mask=mask))
+            h = blk.cross_attn_norm(x)
+            x = blk._clamp(x + blk.cross_attn(h, cross_kvs[i], mask=cross_mask))
+            x = blk._clamp(x + blk.mlp(blk.mlp_norm(x)))
+        h = self.decoder.final_layer_norm(x)
+        return self.lm_logits(h)[:, 0].astype(jnp.float32), new_cache
+
+    def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None):
+        enc = self.encode(input_ids, attention_mask)
+        _, logits = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask)
+        return logits, enc
+
+
+def shift_right(labels, decoder_start_token_id: int, pad_token_id: int):
+    """transformers' ``_shift_right``: prepend the start token, drop the last label, -100 -> pad."""
+    shifted = jnp.concatenate([jnp.full(labels.shape[:1] + (1,), decoder_start_token_id, labels.dtype), labels[:, :-1]], axis=1)
+    return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
+def cross_entropy_ignore(logits, labels, ignore_index: int = -100):
+    """Mean token cross-entropy over labels != ignore_index (float32), as torch's CrossEntropyLoss."""
+    logits = logits.astype(jnp.float32)
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+class T5ForConditionalGeneration(PretrainedModel):
+    """LongLM / T5 with transformers' forward signature and outputs."""
+
+    family = "t5"
+    config_class = T5Config
+    architecture = "T5ForConditionalGeneration"
+
+    @classmethod
+    def make_module(cls, config):
+        return T5Module(config)
+
+    @classmethod
+    def key_map(cls, config):
+        from lmzoo.convert.t5 import t5_key_map
+
+        return t5_key_map(config)
+
+    def dummy_inputs(self):
+        ids = jnp.zeros((1, 4), jnp.int32)
+        return {"input_ids": ids, "decoder_input_ids": ids}
+
+    def forward(
+        self,
+        params,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        labels=None,
+        inputs_embeds=None,
+        decoder_inputs_embeds=None,
+        encoder_outputs=None,
+        use_cache=None,
+        return_dict=None,
+        output_attentions=None,
+        output_hidden_states=None,
+    ):
+        c = self.config
+        if output_attentions or output_hidden_states:
+            raise NotImplementedError("output_attentions / output_hidden_states are not supported; use the module directly")
+        variables = {"params": params}
+        if encoder_outputs is not None:
+            enc = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs
+            enc = getattr(enc, "last_hidden_state", enc)
+        else:
+            if input_ids is None and inputs_embeds is None:
+                raise ValueError("pass input_ids (or inputs_embeds or encoder_outputs)")
+            enc = self.module.apply(variables, input_ids, attention_mask, inputs_embeds, method=T5Module.encode)
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids (or labels, which are shifted right into decoder inputs)")
+            decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
+        _, logits = self.module.apply(
+            variables, decoder_input_ids, enc, attention_mask, decoder_attention_mask, decoder_inputs_embeds, method=T5Module.decode
+        )
+        loss = cross_entropy_ignore(logits, labels) if labels is not None else None
+        return Seq2SeqLMOutput(logits=logits.astype(jnp.float32), encoder_last_hidden_state=enc, loss=loss)
+
+    # -- generation -------------------------------------------------------------------------------
+    def decoding(self):
+        from .generation import Decoding
+
+        module, c = self.module, self.config
+
+        def start(params, inputs, max_len):
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            v = {"params": params}
+            enc = module.apply(v, ids, mask, method=T5Module.encode)
+            cross = module.apply(v, enc, method=T5Module.cross_kvs)
+            n = ids.shape[0]
+            z = jnp.zeros((n, max_len, c.num_heads, c.d_kv), c.compute_dtype)
+            cache = [(z, z) for _ in range(c.num_decoder_layers)]
+            static = {"cross": cross, "cross_mask": mask[:, None, None, :].astype(bool)}
+            return static, cache
+
+        def step(params, static, cache, tokens, index):
+            return module.apply(
+                {"params": params}, tokens, index, cache, static["cross"], static["cross_mask"], method=T5Module.decode_step
+            )
+
+        return Decoding(start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=True)
+
+
+def model_class(hf_config) -> type[PretrainedModel]:
+    return T5ForConditionalGeneration
