@@ -1,0 +1,23 @@
+"""Test setup: 8 simulated CPU devices and full-precision matmuls, set before jax is imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(module: str):
+    """Import an optional test dependency; in CI a missing one is a failure, elsewhere a skip."""
+    try:
+        return __import__(module)
+    except ImportError:
+        if IN_CI:
+            raise
+        pytest.skip(f"{module} is not installed")
