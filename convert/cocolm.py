@@ -1,0 +1,400 @@
+"""COCO-LM key maps: the HF checkpoints (bare or ``cocolm.``-prefixed, fp16 on the hub) and fairseq ones.
+
+Every checkpoint is first renamed onto the HF names (``canonical_state_dict``): the ``cocolm.`` prefix
+is added or stripped to match the class the config describes (COCOLMModel saves bare keys, the head
+classes prefixed ones), and fairseq names (``encoder.sentence_encoder.*``, ``auxiliary.*``,
+``classification_heads.*``) are translated. Keys the model does not use are dropped and listed, as the
+real hub files carry tensors COCOLMModel never reads. The pretraining heads have no HF wiring class;
+their names here (``binary_head.out_proj``, ``clm_head.{bias,decoder}``, ``generator.*``) are ours.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+
+from .keymap import ConversionError, KeyMap, Param, linear, plain
+from .torch_pickle import CheckpointError, UnsafePickleError, flatten_state_dict, read_torch_zip
+
+__all__ = [
+    "hf_key_map",
+    "canonical_state_dict",
+    "config_fields_from_state_dict",
+    "check_dropped",
+    "fairseq_key",
+    "fairseq_hf_config",
+    "load_fairseq",
+    "convert_fairseq",
+]
+
+PREFIX = "cocolm."
+_ENCODER_ROOTS = ("embeddings.", "encoder.", "relative_attention_bias.", "scl_head.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# HF names <-> params
+def _qkv(H: int, A: int) -> tuple[Param, Param]:
+    d = H // A
+
+    def w_to_flax(w):  # torch [3H, H] (rows q | k | v) -> kernel [H, 3, A, d]
+        return np.ascontiguousarray(w.T).reshape(H, 3, A, d)
+
+    def w_to_torch(k):
+        return np.ascontiguousarray(k.reshape(H, 3 * H).T)
+
+    return (lambda *path: Param(tuple(path), w_to_flax, w_to_torch)), (
+        lambda *path: Param(tuple(path), lambda b: b.reshape(3, A, d), lambda b: b.reshape(3 * H))
+    )
+
+
+def _out(H: int, A: int):
+    d = H // A
+
+    def w_to_flax(w):  # torch [H_out, H_in] -> kernel [A, d, H_out]
+        return np.ascontiguousarray(w.T).reshape(A, d, H)
+
+    def w_to_torch(k):
+        return np.ascontiguousarray(k.reshape(H, H).T)
+
+    return lambda *path: Param(tuple(path), w_to_flax, w_to_torch)
+
+
+def _layers(p: dict, src: str, dst: tuple[str, ...], n: int, config) -> None:
+    """HF names of a stack of COCOLMLayer under ``src`` (e.g. ``encoder.layer``) -> params under ``dst``."""
+    H, A = config.hidden_size, config.num_attention_heads
+    qkv_w, qkv_b = _qkv(H, A)
+    out_w = _out(H, A)
+    for i in range(n):
+        s, t = f"{src}.{i}", dst + (f"layer_{i}",)
+        p[f"{s}.attention.self_attn.in_proj.weight"] = qkv_w(*t, "self_attn", "in_proj", "kernel")
+        p[f"{s}.attention.self_attn.in_proj.bias"] = qkv_b(*t, "self_attn", "in_proj", "bias")
+        p[f"{s}.attention.self_attn.out_proj.weight"] = out_w(*t, "self_attn", "out_proj", "kernel")
+        p[f"{s}.attention.self_attn.out_proj.bias"] = plain(*t, "self_attn", "out_proj", "bias")
+        _norm(p, f"{s}.attention.LayerNorm", t + ("attention_LayerNorm",))
+        _dense(p, f"{s}.intermediate.dense", t + ("intermediate",))
+        _dense(p, f"{s}.output.dense", t + ("output",))
+        if config.layer_norm_type in ("post", "hybrid"):
+            _norm(p, f"{s}.output.LayerNorm", t + ("output_LayerNorm",))
+        if config.layer_norm_type in ("pre", "hybrid"):
+            _norm(p, f"{s}.LayerNorm", t + ("LayerNorm",))
+
+
+def _norm(p: dict, src: str, dst: tuple[str, ...]) -> None:
+    p[f"{src}.weight"] = plain(*dst, "scale")
+    p[f"{src}.bias"] = plain(*dst, "bias")
+
+
+def _dense(p: dict, src: str, dst: tuple[str, ...]) -> None:
+    p[f"{src}.weight"] = linear(*dst, "kernel")
+    p[f"{src}.bias"] = plain(*dst, "bias")
+
+
+def hf_key_map(config) -> KeyMap:
+    """Original HF names of every param of the model ``config`` describes (prefixed iff it has heads)."""
+    P = PREFIX if config.prefixed else ""
+    p: dict[str, Param] = {}
+    aliases: dict[str, str] = {}
+    emb = ("embeddings",)
+    p[f"{P}embeddings.word_embeddings.weight"] = plain(*emb, "word_embeddings", "embedding")
+    p[f"{P}embeddings.position_embeddings.weight"] = plain(*emb, "position_embeddings", "embedding")
+    if config.type_vocab_size > 0:
+        p[f"{P}embeddings.token_type_embeddings.weight"] = plain(*emb, "token_type_embeddings", "embedding")
+    if config.layer_norm_type == "post":
+        _norm(p, f"{P}embeddings.LayerNorm", emb + ("LayerNorm",))
+    if config.rel_pos_bins > 0:
+        p[f"{P}relative_attention_bias.weight"] = plain("encoder", "relative_attention_bias")
+    _layers(p, f"{P}encoder.layer", ("encoder",), config.num_hidden_layers, config)
+    if config.layer_norm_type in ("pre", "hybrid"):
+        _norm(p, f"{P}encoder.LayerNorm", ("encoder", "LayerNorm"))
+    if config.need_pooler:
+        _dense(p, f"{P}scl_head.dense", ("scl_head", "dense"))
+        _norm(p, f"{P}scl_head.LayerNorm", ("scl_head", "LayerNorm"))
+    heads = config.heads
+    if "classifier" in heads:
+        _dense(p, "classifier.dense", ("classifier", "dense"))
+        _dense(p, "classifier.out_proj", ("classifier", "out_proj"))
+    if "qa" in heads:
+        _dense(p, "qa_outputs.start_logits.dense", ("qa_start",))
+        _dense(p, "qa_outputs.end_logits.dense", ("qa_end",))
+    if "binary" in heads:
+        _dense(p, "binary_head.out_proj", ("binary_head",))
+    if "clm" in heads:
+        # COCOLMCLMHead: decoder.bias IS clm_head.bias (one tensor saved under both names).
+        if config.tie_clm_head:
+            p["clm_head.bias"] = plain("clm_bias")
+        else:
+            p["clm_head.decoder.weight"] = linear("clm_head", "kernel")
+            p["clm_head.bias"] = plain("clm_head", "bias")
+        aliases["clm_head.decoder.bias"] = "clm_head.bias"
+    if "generator" in heads:
+        if config.rel_pos_bins > 0:
+            p["generator.relative_attention_bias.weight"] = plain("generator", "relative_attention_bias")
+        _layers(p, "generator.encoder.layer", ("generator",), config.generator_layers, config)
+        if config.layer_norm_type in ("pre", "hybrid"):
+            _norm(p, "generator.encoder.LayerNorm", ("generator", "LayerNorm"))
+        _dense(p, "generator.lm_head.dense", ("generator_head", "dense"))
+        _norm(p, "generator.lm_head.LayerNorm", ("generator_head", "LayerNorm"))
+        p["generator.lm_head.bias"] = plain("generator_head", "bias")
+    # Everything else is dropped and listed: the hub files carry tensors COCOLMModel never reads.
+    return KeyMap(params=p, aliases=aliases, ignore=(r".*",), family="cocolm")
+
+
+# ----------------------------------------------------------------------------------------------------
+# renaming checkpoints onto the HF names
+_FAIRSEQ_LAYER = [
+    (r"self_attn\.(in_proj|out_proj)\.(weight|bias)", r"attention.self_attn.\1.\2"),
+    (r"self_attn_layer_norm\.(weight|bias)", r"attention.LayerNorm.\1"),
+    (r"fc1\.(weight|bias)", r"intermediate.dense.\1"),
+    (r"fc2\.(weight|bias)", r"output.dense.\1"),
+    (r"final_layer_norm\.(weight|bias)", r"output.LayerNorm.\1"),
+]
+_FAIRSEQ = [
+    (r"encoder\.sentence_encoder\.embed_tokens\.weight", "embeddings.word_embeddings.weight"),
+    (r"encoder\.sentence_encoder\.embed_positions\.weight", "embeddings.position_embeddings.weight"),
+    (r"encoder\.sentence_encoder\.segment_embeddings\.weight", "embeddings.token_type_embeddings.weight"),
+    (r"encoder\.sentence_encoder\.emb_layer_norm\.(weight|bias)", r"embeddings.LayerNorm.\1"),
+    (r"encoder\.sentence_encoder\.relative_attention_bias\.weight", "relative_attention_bias.weight"),
+    (r"encoder\.binary_head\.out_proj\.(weight|bias)", r"binary_head.out_proj.\1"),
+    (r"encoder\.lm_head\.bias", "clm_head.bias"),  # its weight is the tied word embedding
+    (r"encoder\.seq_head\.dense\.(weight|bias)", r"scl_head.dense.\1"),
+    (r"encoder\.seq_head\.layer_norm\.(weight|bias)", r"scl_head.LayerNorm.\1"),
+    (r"auxiliary\.sentence_encoder\.relative_attention_bias\.weight", "generator.relative_attention_bias.weight"),
+    (r"auxiliary\.lm_head\.dense\.(weight|bias)", r"generator.lm_head.dense.\1"),
+    (r"auxiliary\.lm_head\.layer_norm\.(weight|bias)", r"generator.lm_head.LayerNorm.\1"),
+    (r"auxiliary\.lm_head\.bias", "generator.lm_head.bias"),
+    (r"classification_heads\.[^.]+\.(dense|out_proj)\.(weight|bias)", r"classifier.\1.\2"),
+    (r"classification_heads\.[^.]+\.(start_logits|end_logits)\.dense\.(weight|bias)", r"qa_outputs.\1.dense.\2"),
+]
+
+
+def fairseq_key(key: str) -> Optional[str]:
+    """The HF (bare) name of a fairseq COCO-LM key, or None for keys with no counterpart (tied copies)."""
+    m = re.fullmatch(r"(encoder|auxiliary)\.sentence_encoder\.layers\.(\d+)\.(.+)", key)
+    if m:
+        stack = "encoder.layer" if m.group(1) == "encoder" else "generator.encoder.layer"
+        for pat, repl in _FAIRSEQ_LAYER:
+            if re.fullmatch(pat, m.group(3)):
+                return f"{stack}.{m.group(2)}." + re.sub(pat, repl, m.group(3))
+        return None
+    for pat, repl in _FAIRSEQ:
+        if re.fullmatch(pat, key):
+            return re.sub(pat, repl, key)
+    return None
+
+
+def is_fairseq(keys: Iterable[str]) -> bool:
+    return any(k.startswith("encoder.sentence_encoder.") for k in keys)
+
+
+def _bare(key: str) -> str:
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def _hf_name(key: str, prefixed: bool, fairseq: bool) -> str:
+    """The name ``key`` has in the HF layout the model uses (unknown keys keep their own name)."""
+    if fairseq:
+        new = fairseq_key(key)
+        if new is None:
+            return key
+        key = new
+    bare = _bare(key)
+    if bare.startswith(_ENCODER_ROOTS):
+        return PREFIX + bare if prefixed else bare
+    return key
+
+
+class RenamedStateDict(Mapping):
+    """A lazy view of a state dict under new names (tensors are not read)."""
+
+    def __init__(self, state_dict: Mapping, rename, source: str):
+        self._sd = state_dict
+        self.source = source
+        self._names: dict[str, str] = {}
+        for k in state_dict:
+            new = rename(k)
+            if new in self._names:
+                raise ConversionError(f"{source}: keys {self._names[new]!r} and {k!r} both name {new!r}")
+            self._names[new] = k
+        self.original = dict(self._names)
+
+    def __getitem__(self, k):
+        return self._sd[self._names[k]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+def _classification_head_names(keys: Iterable[str]) -> list[str]:
+    return sorted({k.split(".")[1] for k in keys if k.startswith("classification_heads.")})
+
+
+def canonical_state_dict(state_dict: Mapping, config) -> RenamedStateDict:
+    """Rename ``state_dict`` (HF bare / prefixed, or fairseq) onto the names ``hf_key_map(config)`` uses."""
+    source = getattr(state_dict, "source", "checkpoint")
+    fairseq = is_fairseq(state_dict)
+    if fairseq:
+        names = _classification_head_names(state_dict)
+        if len(names) > 1:
+            raise ConversionError(
+                f"{source}: fairseq checkpoint has several classification heads {names}; "
+                "keep one (load_fairseq(..., head=NAME))"
+            )
+    return RenamedStateDict(state_dict, lambda k: _hf_name(k, config.prefixed, fairseq), source)
+
+
+def config_fields_from_state_dict(state_dict: Mapping, config) -> dict[str, Any]:
+    """Config fields that follow from which keys a checkpoint has: the heads to build, CLM tying,
+    generator depth. The encoder shape itself comes from config.json."""
+    fairseq = is_fairseq(state_dict)
+    keys = {_bare(_hf_name(k, False, fairseq)) for k in state_dict}
+    heads = []
+    if "classifier.out_proj.weight" in keys or "classifier.dense.weight" in keys:
+        heads.append("classifier")
+    if "qa_outputs.start_logits.dense.weight" in keys or "qa_outputs.end_logits.dense.weight" in keys:
+        heads.append("qa")
+    if "binary_head.out_proj.weight" in keys:
+        heads.append("binary")
+    fields: dict[str, Any] = {}
+    if keys & {"clm_head.bias", "clm_head.decoder.bias", "clm_head.decoder.weight"}:
+        heads.append("clm")
+        fields["tie_clm_head"] = "clm_head.decoder.weight" not in keys
+    gen_layers = {int(m.group(1)) for k in keys if (m := re.match(r"generator\.encoder\.layer\.(\d+)\.", k))}
+    if gen_layers or any(k.startswith("generator.lm_head.") for k in keys):
+        heads.append("generator")
+        fields["generator_layers"] = max(gen_layers) + 1 if gen_layers else 0
+    if fairseq and "scl_head.dense.weight" in keys:
+        fields["need_pooler"] = True
+    fields["heads"] = tuple(heads)
+    return fields
+
+
+def check_dropped(dropped: Iterable[str], config, source: str) -> None:
+    """Dropped keys are fine (unused extras), unless they show the config does not describe the file."""
+    bad = []
+    for k in dropped:
+        m = re.match(r"(?:cocolm\.)?encoder\.layer\.(\d+)\.", k)
+        if m and int(m.group(1)) >= config.num_hidden_layers:
+            bad.append(f"{k} (config num_hidden_layers={config.num_hidden_layers})")
+        if _bare(k) == "relative_attention_bias.weight" and config.rel_pos_bins == 0:
+            bad.append(f"{k} (config rel_pos_bins=0)")
+        if _bare(k).startswith("embeddings.token_type_embeddings") and config.type_vocab_size == 0:
+            bad.append(f"{k} (config type_vocab_size=0)")
+        if k.startswith("scl_head.") or k.startswith(PREFIX + "scl_head."):
+            pass  # COCOLMModel without need_pooler ignores its SCL head, as here
+    if bad:
+        raise ConversionError(f"{source}: the checkpoint does not match config.json: " + "; ".join(bad[:10]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# fairseq checkpoints (model.pt)
+def _arg(args: Optional[Mapping], name: str, default=None):
+    if args is None:
+        return default
+    v = args.get(name, default) if isinstance(args, Mapping) else getattr(args, name, default)
+    return default if v is None else v
+
+
+def fairseq_hf_config(args: Optional[Mapping], state_dict: Mapping, source: str = "checkpoint") -> dict[str, Any]:
+    """A COCO-LM config.json (the hub's 16 keys + ours) for a fairseq checkpoint, from its args and shapes."""
+    try:
+        V, H = state_dict["encoder.sentence_encoder.embed_tokens.weight"].shape
+        max_pos = state_dict["encoder.sentence_encoder.embed_positions.weight"].shape[0]
+        ffn = state_dict["encoder.sentence_encoder.layers.0.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise ConversionError(f"{source}: not a fairseq COCO-LM checkpoint (no {e.args[0]})") from None
+    layers = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.sentence_encoder\.layers\.(\d+)\.", k)))
+    rel = state_dict.get("encoder.sentence_encoder.relative_attention_bias.weight")
+    heads = _arg(args, "encoder_attention_heads")
+    if rel is not None:
+        if heads is not None and int(heads) != rel.shape[1]:
+            raise ConversionError(f"{source}: args.encoder_attention_heads={heads} but the relative bias table has {rel.shape[1]} heads")
+        heads = rel.shape[1]
+    if heads is None:
+        raise ConversionError(f"{source}: cannot tell the number of attention heads (no args and no relative bias table)")
+    bins = int(rel.shape[0]) if rel is not None else 0
+    max_rel = _arg(args, "max_rel_pos")
+    if bins and max_rel is None:
+        raise ConversionError(f"{source}: the checkpoint has no args.max_rel_pos (cocolm_base uses 128, cocolm_large 256)")
+    if _arg(args, "generator_sample_mode") == "zero-dropout" and any(k.startswith("auxiliary.") for k in state_dict):
+        raise ConversionError(
+            f"{source}: generator_sample_mode 'zero-dropout' gives the generator its own position embedding and "
+            "embedding LayerNorm, which this port shares with the main model; not supported"
+        )
+    if _arg(args, "encoder_normalize_before", False):
+        raise ConversionError(f"{source}: encoder_normalize_before is not a COCO-LM setting; not supported")
+    seg = state_dict.get("encoder.sentence_encoder.segment_embeddings.weight")
+    hf: dict[str, Any] = {
+        "attention_probs_dropout_prob": float(_arg(args, "attention_dropout", 0.1)),
+        "hidden_act": _arg(args, "activation_fn", "gelu"),
+        "hidden_dropout_prob": float(_arg(args, "dropout", 0.1)),
+        "hidden_size": int(H),
+        "initializer_range": 0.02,
+        "intermediate_size": int(ffn),
+        "max_position_embeddings": int(max_pos),
+        "num_attention_heads": int(heads),
+        "num_hidden_layers": layers,
+        "type_vocab_size": 0 if seg is None else int(seg.shape[0]),
+        "vocab_size": int(V),
+        "rel_pos_bins": bins,
+        "max_rel_pos": int(max_rel) if bins else 0,
+        "layer_norm_type": "post",
+        "layer_norm_eps": 1e-5,
+        "cls_dropout_prob": float(_arg(args, "pooler_dropout", 0.0)),
+    }
+    cls_w = [k for k in state_dict if re.fullmatch(r"classification_heads\.[^.]+\.out_proj\.weight", k)]
+    if cls_w:
+        hf["num_labels"] = int(state_dict[cls_w[0]].shape[0])
+        hf["classifier_activation"] = _arg(args, "pooler_activation_fn", "tanh")
+        hf["architectures"] = ["COCOLMForSequenceClassification"]
+    if "encoder.seq_head.dense.weight" in state_dict:
+        if state_dict["encoder.seq_head.dense.weight"].shape[0] != H:
+            raise ConversionError(f"{source}: seq_contrast_dim != hidden size is not supported")
+        hf["need_pooler"] = True
+    return hf
+
+
+def _read_fairseq(path: str):
+    try:
+        obj = read_torch_zip(path, allow_namespace=True)
+    except UnsafePickleError as e:
+        raise CheckpointError(
+            f"{e} -- fairseq training checkpoints may pickle optimizer/meter objects; keep only the weights and args: "
+            "torch.save({'model': ck['model'], 'args': ck['args']}, 'model_weights.pt')"
+        ) from None
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    if args is None and isinstance(obj, Mapping) and isinstance(obj.get("cfg"), Mapping):
+        args = obj["cfg"].get("model")
+    return flatten_state_dict(obj, path), args
+
+
+def load_fairseq(path: str | os.PathLike, head: Optional[str] = None, **runtime):
+    """A :class:`lmzoo.cocolm.CocoLMModel` from a fairseq COCO-LM ``model.pt`` (pretrained or fine-tuned).
+
+    ``head`` picks one of several ``classification_heads``; the pretraining heads (binary, CLM, SCL,
+    generator) are built when their keys are present. The dropped keys (tied copies) are in ``load_report``.
+    """
+    from lmzoo.cocolm import CocoLMConfig, CocoLMModel
+
+    path = os.fspath(path)
+    sd, args = _read_fairseq(path)
+    names = _classification_head_names(sd)
+    if head is not None:
+        if head not in names:
+            raise ConversionError(f"{path}: no classification head {head!r}; it has {names}")
+        sd = {k: v for k, v in sd.items() if not k.startswith("classification_heads.") or k.startswith(f"classification_heads.{head}.")}
+    hf = fairseq_hf_config(args, sd, path)
+    config = CocoLMConfig.from_hf_config(hf, **runtime)
+    config = config.replace(**config_fields_from_state_dict(sd, config))
+    return CocoLMModel.from_state_dict(config, sd, source=path)
+
+
+def convert_fairseq(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "pytorch", head: Optional[str] = None, dtype=None) -> str:
+    """Write a fairseq COCO-LM checkpoint as an HF-layout folder (config.json + weights) or an lmzoo one."""
+    model = load_fairseq(src, head=head)
+    return model.save_pretrained(dst, format=format, dtype=dtype)
