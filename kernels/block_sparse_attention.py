@@ -697,7 +697,8 @@ def _num_buckets_padded(st: _Static) -> int:
 
 
 def _forward_call(st: _Static, arrays):
-    """Runs the forward kernel: returns (out [q layout, padded], lse [B, H, Lqp] f32, visits or None)."""
+    """Runs the forward kernel: returns (out [q layout, padded], (row max, 1 / row sum) [B, H, Lqp] f32,
+    visits or None)."""
     lay = st.layout
     bq, nq = lay.block_q, lay.num_q_blocks
     lqp = nq * bq
@@ -723,17 +724,17 @@ def _forward_call(st: _Static, arrays):
     specs += [small] * len(small_args)
     args += small_args
 
-    out_shape = [jax.ShapeDtypeStruct(arrays["q"].shape, arrays["q"].dtype),
-                 jax.ShapeDtypeStruct((st.batch, st.heads, lqp), jnp.float32)]
-    out_specs = [_seq_spec(st, bq, lqp, lambda b, h, i: i),
-                 pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))]
+    row = jax.ShapeDtypeStruct((st.batch, st.heads, lqp), jnp.float32)
+    row_spec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
+    out_shape = [jax.ShapeDtypeStruct(arrays["q"].shape, arrays["q"].dtype), row, row]
+    out_specs = [_seq_spec(st, bq, lqp, lambda b, h, i: i), row_spec, row_spec]
     if st.debug:
         out_shape.append(jax.ShapeDtypeStruct((st.batch, st.heads, nq), jnp.int32))
         out_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, i: (b, h, i)))
 
     def kernel(*refs):
         r = _ref_dict(names, refs[:len(names)])
-        o_ref, lse_ref = refs[len(names)], refs[len(names) + 1]
+        o_ref, m_ref, inv_l_ref = refs[len(names):len(names) + 3]
         b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         q = r["q"][...]
         qpos = _q_positions(st, r, b, i * bq, bq)
@@ -766,21 +767,23 @@ def _forward_call(st: _Static, arrays):
 
             carry = lax.fori_loop(0, r[f"cnt{j}"][hl, i], body, carry)
         m, l, acc, visits = carry
-        ok = l > 0
-        l_safe = jnp.where(ok, l, 1.0)
-        o_ref[...] = jnp.where(ok, acc / l_safe, 0.0).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), 0.0)[:, 0]
+        # The softmax statistics are kept as (max, 1/sum), not log-sum-exp: with additive masks of
+        # finfo.min, m + log(l) would round back to m.
+        inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+        o_ref[...] = (acc * inv_l).astype(o_ref.dtype)
+        m_ref[...] = jnp.where(m == -jnp.inf, 0.0, m)[:, 0]
+        inv_l_ref[...] = inv_l[:, 0]
         if st.debug:
-            refs[len(names) + 2][...] = visits
+            refs[len(names) + 3][...] = visits
 
     outs = pl.pallas_call(
         kernel, grid=(st.batch, st.heads, nq), in_specs=specs, out_specs=out_specs,
         out_shape=out_shape, interpret=st.interpret, compiler_params=_compiler_params(st),
         name="block_sparse_attention_fwd")(*args)
-    return outs[0], outs[1], (outs[2] if st.debug else None)
+    return outs[0], (outs[1], outs[2]), (outs[3] if st.debug else None)
 
 
-def _dq_call(st: _Static, arrays, do, lse, delta):
+def _dq_call(st: _Static, arrays, do, stats, delta):
     """dq and the per-query-block partial gradients of the bias table ([B, H, nq, 1, NBp])."""
     lay = st.layout
     bq, nq = lay.block_q, lay.num_q_blocks
@@ -788,11 +791,11 @@ def _dq_call(st: _Static, arrays, do, lse, delta):
     streams = _streams(st)
     small_names, small_args = _kernel_args(st, arrays, [s.layout for s in streams])
 
-    names = ["q", "do", "lse", "delta"]
+    names = ["q", "do", "m", "inv_l", "delta"]
     qspec = _seq_spec(st, bq, lqp, lambda b, h, i: i)
     rowspec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-    specs = [qspec, qspec, rowspec, rowspec]
-    args = [arrays["q"], do, lse, delta]
+    specs = [qspec, qspec, rowspec, rowspec, rowspec]
+    args = [arrays["q"], do, stats[0], stats[1], delta]
     for s in streams:
         length = s.layout.num_k_blocks * s.layout.block_k
         names += [s.k, s.v, s.mask]
@@ -814,7 +817,8 @@ def _dq_call(st: _Static, arrays, do, lse, delta):
         dq_ref, dtab_ref = refs[len(names)], refs[len(names) + 1]
         b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         q, do_ = r["q"][...], r["do"][...]
-        lse_, delta_ = r["lse"][...][:, None], r["delta"][...][:, None]
+        m_, inv_l_ = r["m"][...][:, None], r["inv_l"][...][:, None]
+        delta_ = r["delta"][...][:, None]
         qpos = _q_positions(st, r, b, i * bq, bq)
         qseg = r["q_segment_ids"][...][:, None] if st.has_segments else None
         bucket_ids = lax.broadcasted_iota(jnp.int32, (1, nbp), 1)
@@ -834,7 +838,7 @@ def _dq_call(st: _Static, arrays, do, lse, delta):
                 kseg = (r["kv_segment_ids"][pl.ds(start, bk)][None, :]
                         if s.is_main and st.has_segments else None)
                 tile = _tile(st, s, r, b, h, q, k, kb, km, qpos, qseg, kseg)
-                p = jnp.where(tile.keep, jnp.exp(tile.logits - lse_), 0.0)
+                p = jnp.where(tile.keep, jnp.exp(tile.logits - m_) * inv_l_, 0.0)
                 dp = _dot(do_, v, trans_b=True)
                 ds = p * (dp - delta_)
                 dq = dq + _dot(ds.astype(k.dtype), k) * st.scale
@@ -863,7 +867,7 @@ def _dq_call(st: _Static, arrays, do, lse, delta):
     return dq, dtab
 
 
-def _dkv_call(st: _Static, arrays, stream: _Stream, do, lse, delta):
+def _dkv_call(st: _Static, arrays, stream: _Stream, do, stats, delta):
     """dk, dv of one key stream: one program per key block, looping over the query blocks visiting it."""
     lay = st.layout
     bq, nq = lay.block_q, lay.num_q_blocks
@@ -875,10 +879,11 @@ def _dkv_call(st: _Static, arrays, stream: _Stream, do, lse, delta):
     full_q = _seq_spec(st, None, lqp, lambda b, h, i: 0)
     full_row = pl.BlockSpec((None, None, lqp), lambda b, h, i: (b, h, 0))
     kspec = _seq_spec(st, bk, nk * bk, lambda b, h, i: i)
-    names = ["q", "do", "lse", "delta", "k", "v", "mask"]
-    specs = [full_q, full_q, full_row, full_row, kspec, kspec, _row_spec(bk, stream.mask_heads)(
-        lambda b, h, i: i)]
-    args = [arrays["q"], do, lse, delta, arrays[stream.k], arrays[stream.v], arrays[stream.mask]]
+    names = ["q", "do", "m", "inv_l", "delta", "k", "v", "mask"]
+    specs = [full_q, full_q, full_row, full_row, full_row, kspec, kspec,
+             _row_spec(bk, stream.mask_heads)(lambda b, h, i: i)]
+    args = [arrays["q"], do, stats[0], stats[1], delta, arrays[stream.k], arrays[stream.v],
+            arrays[stream.mask]]
     if stream.is_main and st.has_segments:
         names += ["q_segment_ids", "kv_segment_ids"]
         specs += [pl.BlockSpec((None, lqp), lambda b, h, i: (b, 0)),
@@ -903,13 +908,14 @@ def _dkv_call(st: _Static, arrays, stream: _Stream, do, lse, delta):
             start = pl.multiple_of(qi * bq, bq)
             q = r["q"][pl.ds(start, bq), :]
             do_ = r["do"][pl.ds(start, bq), :]
-            lse_ = r["lse"][pl.ds(start, bq)][:, None]
+            m_ = r["m"][pl.ds(start, bq)][:, None]
+            inv_l_ = r["inv_l"][pl.ds(start, bq)][:, None]
             delta_ = r["delta"][pl.ds(start, bq)][:, None]
             qpos = _q_positions(st, r, b, start, bq)
             qseg = (r["q_segment_ids"][pl.ds(start, bq)][:, None]
                     if stream.is_main and st.has_segments else None)
             tile = _tile(st, stream, r, b, h, q, k, kb, km, qpos, qseg, kseg)
-            p = jnp.where(tile.keep, jnp.exp(tile.logits - lse_), 0.0)
+            p = jnp.where(tile.keep, jnp.exp(tile.logits - m_) * inv_l_, 0.0)
             dv = dv + _dot(p.astype(do_.dtype), do_, trans_a=True)
             dp = _dot(do_, v, trans_b=True)
             ds = p * (dp - delta_)
@@ -942,20 +948,20 @@ def _attention(st: _Static, diff, rest):
 
 
 def _attention_fwd(st, diff, rest):
-    out, lse, _ = _forward_call(st, {**diff, **rest})
-    return out, (diff, rest, out, lse)
+    out, stats, _ = _forward_call(st, {**diff, **rest})
+    return out, (diff, rest, out, stats)
 
 
 def _attention_bwd(st, res, g):
-    diff, rest, out, lse = res
+    diff, rest, out, stats = res
     arrays = {**diff, **rest}
     spec = st.qkv_layout
     delta = jnp.einsum(f"{spec},{spec}->bhl", out.astype(jnp.float32), g.astype(jnp.float32))
     do = g.astype(arrays["q"].dtype)
-    dq, dtab = _dq_call(st, arrays, do, lse, delta)
+    dq, dtab = _dq_call(st, arrays, do, stats, delta)
     grads = {"q": dq}
     for s in _streams(st):
-        dk, dv = _dkv_call(st, arrays, s, do, lse, delta)
+        dk, dv = _dkv_call(st, arrays, s, do, stats, delta)
         grads[s.k], grads[s.v] = dk, dv
     if st.num_buckets:
         dt = jnp.sum(dtab[..., 0, :st.num_buckets], axis=(0, 2)).T  # [NB, H]
