@@ -79,6 +79,9 @@ class SafetensorsTensor:
         a = self.numpy()
         return a if dtype is None else a.astype(dtype)
 
+    def contiguous_span(self) -> tuple[str, int, int]:
+        return self.path, self.begin, self.end - self.begin
+
 
 def read_safetensors(path: str) -> dict[str, SafetensorsTensor]:
     size = os.path.getsize(path)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .torch_pickle import CheckpointError
 
-__all__ = ["Param", "KeyMap", "ConversionError", "load_params", "linear", "plain", "flatten_tree", "unflatten_tree"]
+__all__ = ["Param", "KeyMap", "ConversionError", "match_keys", "load_params", "linear", "plain", "flatten_tree", "unflatten_tree"]
 
 
 class ConversionError(CheckpointError):
@@ -89,6 +89,62 @@ def unflatten_tree(flat: Mapping[tuple[str, ...], Any]) -> dict:
     return out
 
 
+def match_keys(
+    state_dict: Mapping[str, Any],
+    keymap: KeyMap,
+    expected: Mapping[tuple[str, ...], tuple[int, ...]],
+    *,
+    source: str = "checkpoint",
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Match checkpoint keys to the key map and check shapes from metadata alone (no tensor is read).
+
+    Returns ({canonical key: checkpoint key}, report with the keys dropped because the original ignores
+    them too and the tied aliases skipped). Raises ConversionError naming every missing, unexpected or
+    mis-shaped key.
+    """
+    found: dict[str, str] = {}
+    unexpected, dropped, aliases_seen = [], [], []
+    for key in state_dict:
+        canon = keymap.canonical(key)
+        if canon is None:
+            (dropped if keymap.ignored(key) else unexpected).append(key)
+            continue
+        # Prefer the canonical key itself over a tied alias of it (both name one storage).
+        if canon not in found or (found[canon] != canon and key == canon):
+            if canon in found:
+                aliases_seen.append(found[canon])
+            found[canon] = key
+        else:
+            aliases_seen.append(key)
+    problems = []
+    missing = [k for k in keymap.params if k not in found]
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+    shape_errors = []
+    for canon, key in found.items():
+        p = keymap.params[canon]
+        want = expected.get(p.path)
+        if want is None:
+            raise ConversionError(f"key map of {keymap.family} points {canon} at unknown param {'/'.join(p.path)}")
+        got = tuple(state_dict[key].shape)
+        if p.to_flax is None:
+            flax_shape = got
+        else:  # apply the transform to a zero-size stand-in of the right shape
+            flax_shape = tuple(p.to_flax(np.broadcast_to(np.zeros((), np.uint8), got)).shape)
+        if flax_shape != tuple(want):
+            shape_errors.append(f"{key}: checkpoint shape {got} does not fit the model's {tuple(want)} (as {'/'.join(p.path)})")
+    if shape_errors:
+        problems.append("shape mismatch: " + "; ".join(shape_errors[:20]))
+    if problems:
+        hint = ""
+        if len(found) < len(keymap.params) / 2:
+            hint = f" (it does not look like a {keymap.family} checkpoint: only {len(found)} of {len(keymap.params)} keys match)"
+        raise ConversionError(f"{source} does not fit the {keymap.family} model{hint}: " + " | ".join(problems))
+    return found, {"dropped": dropped, "aliases": aliases_seen}
+
+
 def load_params(
     state_dict: Mapping[str, Any],
     keymap: KeyMap,
@@ -98,53 +154,14 @@ def load_params(
     put: Callable[[tuple[str, ...], np.ndarray], Any] = lambda path, a: a,
     progress: Optional[Callable[[str], None]] = None,
     source: str = "checkpoint",
-    verbose: bool = False,
 ) -> tuple[dict, dict[str, list[str]]]:
     """Stream ``state_dict`` into a params tree shaped like ``expected`` (path -> shape).
 
-    Each tensor is read, reshaped, cast to ``dtype`` (None keeps the stored dtype) and handed to ``put``
-    (e.g. ``jax.device_put`` onto a sharding) before the next one is read. Raises ConversionError naming
-    every missing, unexpected or mis-shaped key. Returns (params, report) where report lists the keys
-    dropped because the original ignores them too, and tied aliases that were skipped.
+    Keys are matched and checked first (:func:`match_keys`); then each tensor is read, reshaped, cast to
+    ``dtype`` (None keeps the stored dtype) and handed to ``put`` (e.g. ``jax.device_put`` onto a
+    sharding) before the next one is read.
     """
-    found: dict[str, str] = {}  # canonical -> checkpoint key
-    unexpected, dropped, aliases_seen = [], [], []
-    for key in state_dict:
-        canon = keymap.canonical(key)
-        if canon is None:
-            (dropped if keymap.ignored(key) else unexpected).append(key)
-            continue
-        # Prefer the canonical key itself over a tied alias of it (both name one storage).
-        if canon not in found or keymap.canonical(found[canon]) == canon and found[canon] in keymap.aliases:
-            if canon in found:
-                aliases_seen.append(found[canon])
-            found[canon] = key
-        else:
-            aliases_seen.append(key)
-    missing = [k for k in keymap.params if k not in found]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
-    shape_errors = []
-    for canon, key in found.items():
-        p = keymap.params[canon]
-        t = state_dict[key]
-        want = expected.get(p.path)
-        if want is None:
-            raise ConversionError(f"key map of {keymap.family} points {canon} at unknown param {'/'.join(p.path)}")
-        got = tuple(t.shape)
-        flax_shape = got[::-1] if p.to_flax is _t else got
-        if p.to_flax is not None and p.to_flax is not _t:
-            flax_shape = None  # custom transform: check after reading
-        if flax_shape is not None and tuple(flax_shape) != tuple(want):
-            shape_errors.append(f"{key}: checkpoint shape {got}, model expects {want if p.to_flax is not _t else tuple(want)[::-1]}")
-    if shape_errors:
-        problems.append("shape mismatch: " + "; ".join(shape_errors[:20]))
-    if problems:
-        raise ConversionError(f"{source} does not fit the {keymap.family} model: " + " | ".join(problems))
-
+    found, report = match_keys(state_dict, keymap, expected, source=source)
     flat = {}
     for canon, key in found.items():
         p = keymap.params[canon]
@@ -153,8 +170,6 @@ def load_params(
         a = np.asarray(state_dict[key].numpy())
         if p.to_flax is not None:
             a = p.to_flax(a)
-        if tuple(a.shape) != tuple(expected[p.path]):
-            raise ConversionError(f"{source}: {key} maps to shape {a.shape}, model expects {tuple(expected[p.path])}")
         if dtype is not None and a.dtype != np.dtype(dtype):
             a = a.astype(dtype)
         flat[p.path] = put(p.path, a)
@@ -162,4 +177,4 @@ def load_params(
     unused = sorted(set(expected) - {keymap.params[c].path for c in found})
     if unused:
         raise ConversionError(f"{source}: model params not covered by any checkpoint key: {['/'.join(u) for u in unused[:10]]}")
-    return unflatten_tree(flat), {"dropped": dropped, "aliases": aliases_seen}
+    return unflatten_tree(flat), report

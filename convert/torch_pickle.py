@@ -124,6 +124,14 @@ class LazyTensor:
         """A fresh, C-contiguous numpy copy (the mapped pages are released afterwards)."""
         return self.storage.archive.read(self)
 
+    def contiguous_span(self) -> tuple[str, int, int] | None:
+        """(file, byte offset, byte count) when the view is a plain C-contiguous run of its storage."""
+        expected = tuple(int(np.prod(self.shape[i + 1 :], dtype=np.int64)) for i in range(len(self.shape)))
+        if any(n > 1 and s != e for n, s, e in zip(self.shape, self.stride, expected)):
+            return None
+        item = self.dtype.itemsize
+        return self.storage.archive.path, self.storage.data_offset + self.offset * item, self.nbytes
+
     def __array__(self, dtype=None, copy=None):
         arr = self.numpy()
         return arr if dtype is None else arr.astype(dtype)

@@ -49,11 +49,36 @@ _ST_DTYPE = {
 class ExportTensor:
     """A tensor to write: produced lazily by ``get()``; ``alias_of`` names the key whose storage it shares."""
 
-    def __init__(self, shape, dtype, get: Callable[[], np.ndarray], alias_of: Optional[str] = None):
+    def __init__(self, shape, dtype, get: Callable[[], np.ndarray], alias_of: Optional[str] = None, span=None):
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.get = get
         self.alias_of = alias_of
+        self.span = span  # (file, offset, nbytes): bytes already in the target layout, copied in chunks
+
+    def write_into(self, f) -> None:
+        """Write the tensor's bytes to file object ``f`` (chunked file copy when a span is known)."""
+        if self.span is not None:
+            path, offset, nbytes = self.span
+            if nbytes != self.nbytes:
+                raise ValueError(f"source span of {nbytes} bytes does not match {self.shape} {self.dtype}")
+            buf = bytearray(min(nbytes, 8 << 20) or 1)
+            view = memoryview(buf)
+            with open(path, "rb", buffering=0) as src:
+                src.seek(offset)
+                left = nbytes
+                while left:
+                    n = src.readinto(view[: min(left, len(buf))])
+                    if not n:
+                        raise ValueError(f"{path}: unexpected end of file while copying a tensor")
+                    f.write(view[:n])
+                    left -= n
+            return
+        a = self.get()
+        if tuple(a.shape) != self.shape:
+            raise ValueError(f"produced shape {a.shape}, declared {self.shape}")
+        f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+        del a
 
     @property
     def nbytes(self) -> int:
@@ -164,13 +189,9 @@ def write_torch_zip(path: str, tensors: Mapping[str, ExportTensor], *, progress=
             t = tensors[canon]
             if progress:
                 progress(canon)
-            a = t.get()
-            if tuple(a.shape) != t.shape:
-                raise ValueError(f"{canon}: produced shape {a.shape}, declared {t.shape}")
-            info = _aligned_info(zf, f"{archive_name}/data/{storage_of[canon]}", a.nbytes)
-            with zf.open(info, "w", force_zip64=a.nbytes > 0x7FFFFFFF) as f:
-                f.write(memoryview(a.reshape(-1).view(np.uint8)))
-            del a
+            info = _aligned_info(zf, f"{archive_name}/data/{storage_of[canon]}", t.nbytes)
+            with zf.open(info, "w", force_zip64=t.nbytes > 0x7FFFFFFF) as f:
+                t.write_into(f)
         zf.writestr(_aligned_info(zf, f"{archive_name}/version", 2), b"3\n")
 
 
@@ -192,11 +213,7 @@ def write_safetensors(path: str, tensors: Mapping[str, ExportTensor], *, progres
         for k, t in items:
             if progress:
                 progress(k)
-            a = t.get()
-            if tuple(a.shape) != t.shape:
-                raise ValueError(f"{k}: produced shape {a.shape}, declared {t.shape}")
-            f.write(memoryview(a.reshape(-1).view(np.uint8)))
-            del a
+            t.write_into(f)
 
 
 # ---------------------------------------------------------------------------------------------

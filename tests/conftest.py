@@ -15,8 +15,10 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 def require(module: str):
     """Import an optional test dependency; in CI a missing one is a failure, elsewhere a skip."""
+    import importlib
+
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
         if IN_CI:
             raise
