@@ -590,8 +590,6 @@ class BartForConditionalGeneration(PretrainedModel):
         hd = c.d_model // c.decoder_attention_heads
 
         def start(params, inputs, max_len):
-            if max_len > c.max_position_embeddings:
-                raise ValueError(f"max_length={max_len} exceeds max_position_embeddings={c.max_position_embeddings}")
             ids, mask = inputs["input_ids"], inputs.get("attention_mask")
             v = {"params": params}
             if mask is None:
@@ -609,7 +607,11 @@ class BartForConditionalGeneration(PretrainedModel):
             return module.apply({"params": params}, tokens, index, cache, static["cross"], static["cross_mask"],
                                 method=BartModule.decode_step)
 
-        return Decoding(start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=True)
+        # Right-padding the input changes nothing for BART (padded keys get zero weight), so nearby lengths
+        # may share a program; LSG's result depends on the length itself (fallback, block padding, sparse
+        # groups), so it keeps the exact length.
+        bucket = None if c.is_lsg or c.max_position_embeddings % 32 else 32
+        return Decoding(start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=True, length_bucket=bucket)
 
 
 class LSGBartForConditionalGeneration(BartForConditionalGeneration):
