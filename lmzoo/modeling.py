@@ -204,7 +204,7 @@ class PretrainedModel:
             fn = jax.jit(run)
             self._jit_cache[key] = fn
         if self.mesh is not None:
-            with jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else self.mesh:
+            with jax.set_mesh(self.mesh):
                 return fn(self.params, arrays)
         return fn(self.params, arrays)
 
