@@ -244,7 +244,7 @@ for _name, _dt in TORCH_DTYPES.items():
 _SAFE_GLOBALS[("torch", "UntypedStorage")] = _StorageType(np.dtype(np.uint8))
 
 # Extra globals that only Megatron/DeepSpeed training checkpoints carry; opt-in via allow_namespace.
-_NAMESPACE_GLOBALS = {("argparse", "Namespace"): _namespace}
+_NAMESPACE_GLOBALS = {("argparse", "Namespace"): _Namespace}  # a class: torch.save pickles it with NEWOBJ
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
