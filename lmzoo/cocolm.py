@@ -452,10 +452,10 @@ class CocoLMModule(nn.Module):
         if "classifier" in c.heads:
             self.classifier = CocoLMClassificationHead(c)
         if "qa" in c.heads:
-            self.qa_start = _linear(c, 1, ("embed", None))
-            self.qa_end = _linear(c, 1, ("embed", None))
+            self.qa_start = _linear(c, 1, ("embed", "classes"))
+            self.qa_end = _linear(c, 1, ("embed", "classes"))
         if "binary" in c.heads:
-            self.binary_head = _linear(c, 1, ("embed", None))
+            self.binary_head = _linear(c, 1, ("embed", "classes"))
         if "clm" in c.heads:
             if c.tie_clm_head:
                 self.clm_bias = self.param("clm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (c.vocab_size,), c.params_dtype)
