@@ -309,6 +309,17 @@ def _prepare(q, k, v, layout, *, scale, causal, q_offset, prefix_len, kv_lengths
         raise ValueError(f"k/v shape {k.shape} does not match q {q.shape} in layout {qkv_layout}")
     bq, bk = layout.block_q, layout.block_k
     nq, nk = -(-lq // bq), -(-lk // bk)
+    backend = jax.default_backend()
+    if interpret is None:
+        interpret = backend not in ("gpu", "tpu")
+    triton = backend == "gpu" and not interpret
+    if triton and any(x < 16 or x & (x - 1) for x in (bq, bk, d)):
+        raise ValueError(f"the Triton kernel needs block_q, block_k and head_dim to be powers of two "
+                         f">= 16; got {bq}, {bk}, {d}")
+
+    def seg_block(n: int) -> int:  # rows of an extra-key block: Triton tiles are powers of two >= 16
+        return max(16, 1 << (n - 1).bit_length()) if triton else _round_up(n, 8)
+
     if layout.num_q_blocks != nq or layout.num_k_blocks != nk:
         raise ValueError(f"layout has {layout.num_q_blocks}x{layout.num_k_blocks} blocks, inputs need "
                          f"{nq}x{nk} (block_q={bq}, block_k={bk}, Lq={lq}, Lk={lk})")
@@ -366,7 +377,7 @@ def _prepare(q, k, v, layout, *, scale, causal, q_offset, prefix_len, kv_lengths
         e = extra_k.shape[_seq_axis(qkv_layout)]
         if extra_k.shape != extra_shape(extra_k, e) or extra_v is None or extra_v.shape != extra_k.shape:
             raise ValueError(f"extra_k/extra_v must both be {extra_shape(extra_k, 'E')}")
-        extra_block = min(_round_up(e, 8), bk)
+        extra_block = min(seg_block(e), bk)
         extra_len = _round_up(e, extra_block)
         arrays["extra_k"] = _pad_seq(extra_k, extra_len, qkv_layout)
         arrays["extra_v"] = _pad_seq(extra_v, extra_len, qkv_layout)
@@ -390,7 +401,7 @@ def _prepare(q, k, v, layout, *, scale, causal, q_offset, prefix_len, kv_lengths
                              "('blhd')")
         if be_groups == 0 or nq % be_groups:
             raise ValueError(f"block_extra has {be_groups} groups; it must divide the {nq} query blocks")
-        be_len = _round_up(s, 8)
+        be_len = seg_block(s)
 
         def flat(y):
             if qkv_layout == "bhld":
@@ -415,9 +426,6 @@ def _prepare(q, k, v, layout, *, scale, causal, q_offset, prefix_len, kv_lengths
     elif block_extra_v is not None or block_extra_mask is not None:
         raise ValueError("block_extra_v / block_extra_mask given without block_extra_k")
 
-    backend = jax.default_backend()
-    if interpret is None:
-        interpret = backend not in ("gpu", "tpu")
     st = _Static(batch, heads, d, lq, lk, qkv_layout, layout, float(scale),
                  None if mask_value is None else float(mask_value), bool(causal), has_prefix,
                  has_segments, num_buckets, num_rel, has_extra, extra_len, extra_block, extra_mask_heads,

@@ -311,6 +311,90 @@ def test_16k_lsg_forward_and_backward_have_no_quadratic_buffer():
 
 
 # ----------------------------------------------------------------------------------------------------
+# LSG: the kernel's segments reproduce the original block algorithm (spec recipe, stride sparsity)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _sparse_window_index(nb, blk, sbs, sf):
+    """LSG's sparse windows: idx[i, p] into the sparse sequence (Python-slice rule of the original)."""
+    step, size2 = blk // sf, 6 * sbs
+    odd = step % 2
+    s_pad = (size2 - step) // 2 + odd
+    u = (size2 - 3 * blk // sf) // 2 + odd
+    u_ = u + odd
+    pos = list(range(size2))[u - sbs:u] + list(range(size2))[-u_:-u_ + sbs]
+    return np.arange(nb)[:, None] * step - s_pad + np.asarray(pos)[None, :]
+
+
+def _lsg_original(x_q, x_k, x_v, mask, g, blk, sbs, sf):
+    """LSG self-attention as the original computes it ([n, H, G + t, D], additive finfo.min masks)."""
+    n, h, tt, d = x_q.shape
+    t = tt - g
+    nb = t // blk
+    neg = F32_MIN
+    m_tok = jnp.where(mask, 0.0, neg)  # [n, t]
+    m_full = jnp.concatenate([jnp.zeros((n, g)), m_tok], 1)
+    sc = d ** -0.5
+    # global queries: everything
+    s = jnp.einsum("nhqd,nhkd->nhqk", x_q[:, :, :g], x_k) * sc + m_full[:, None, None]
+    ctx_g = jnp.einsum("nhqk,nhkd->nhqd", jax.nn.softmax(s, -1), x_v)
+    kg, vg = x_k[:, :, :g], x_v[:, :, :g]
+    kt, vt = x_k[:, :, g:], x_v[:, :, g:]
+    # stride sparsity: head h keeps tokens j*sf + (h mod sf)
+    sel = np.arange(t // sf)[None, :] * sf + (np.arange(h) % sf)[:, None]  # [H, t/sf]
+    ks = jnp.take_along_axis(kt, sel[None, :, :, None], 2)
+    vs = jnp.take_along_axis(vt, sel[None, :, :, None], 2)
+    ms = jnp.take_along_axis(jnp.broadcast_to(m_tok[:, None], (n, h, t)), sel[None], 2)
+    isp = _sparse_window_index(nb, blk, sbs, sf)
+    ok_sp = (isp >= 0) & (isp < t // sf)
+    isp_c = np.clip(isp, 0, t // sf - 1)
+    ksb, vsb = ks[:, :, isp_c], vs[:, :, isp_c]  # [n, H, nb, S, D]
+    msb = jnp.where(ok_sp, ms[:, :, isp_c], neg)
+    iloc = (np.arange(nb)[:, None] - 1) * blk + np.arange(3 * blk)[None, :]
+    ok_loc = (iloc >= 0) & (iloc < t)
+    iloc_c = np.clip(iloc, 0, t - 1)
+    klb = jnp.where(ok_loc[..., None], kt[:, :, iloc_c], 0.0)
+    vlb = jnp.where(ok_loc[..., None], vt[:, :, iloc_c], 0.0)
+    mlb = jnp.where(ok_loc, m_tok[:, iloc_c], neg)[:, None]  # [n, 1, nb, 3B]
+    keys = jnp.concatenate([jnp.broadcast_to(kg[:, :, None], (n, h, nb, g, d)), ksb, klb], 3)
+    vals = jnp.concatenate([jnp.broadcast_to(vg[:, :, None], (n, h, nb, g, d)), vsb, vlb], 3)
+    msk = jnp.concatenate([jnp.zeros((n, h, nb, g)), msb, jnp.broadcast_to(mlb, (n, h, nb, 3 * blk))],
+                          3)
+    qb = x_q[:, :, g:].reshape(n, h, nb, blk, d)
+    s = jnp.einsum("nhbqd,nhbkd->nhbqk", qb, keys) * sc + msk[:, :, :, None, :]
+    ctx_t = jnp.einsum("nhbqk,nhbkd->nhbqd", jax.nn.softmax(s, -1), vals).reshape(n, h, t, d)
+    return jnp.concatenate([ctx_g, ctx_t], 2), (sel, isp_c, ok_sp)
+
+
+def test_lsg_segments_reproduce_the_original_block_attention():
+    n, h, d, g, t, blk, sbs, sf = 2, 2, 16, 2, 64, 16, 8, 2
+    ks = jax.random.split(jax.random.PRNGKey(11), 3)
+    x_q, x_k, x_v = (_normal(kk, (n, h, g + t, d)) for kk in ks)
+    mask = jnp.arange(t)[None, :] < jnp.array([[t], [37]])
+    with jax.default_matmul_precision("highest"):
+        want, (sel, isp, ok_sp) = _lsg_original(x_q, x_k, x_v, mask, g, blk, sbs, sf)
+
+        @jax.jit
+        def composed(x_q, x_k, x_v, mask):
+            kg, vg, kt, vt = x_k[:, :, :g], x_v[:, :, :g], x_k[:, :, g:], x_v[:, :, g:]
+            common = dict(scale=d ** -0.5, key_mask=mask, extra_k=kg, extra_v=vg, mask_value=F32_MIN)
+            # token queries: local band + globals + per-block sparse keys (gathered: O(t) memory)
+            ks_ = jnp.take_along_axis(kt, sel[None, :, :, None], 2)[:, :, isp]
+            vs_ = jnp.take_along_axis(vt, sel[None, :, :, None], 2)[:, :, isp]
+            ms_ = jnp.take_along_axis(jnp.broadcast_to(mask[:, None], (n, h, t)), sel[None], 2)
+            tok = bsa.block_sparse_attention(
+                x_q[:, :, g:], kt, vt, bsa.lsg_layout(t, blk), block_extra_k=ks_, block_extra_v=vs_,
+                block_extra_mask=ms_[:, :, isp] & ok_sp, **common)
+            # global queries: dense over the tokens, plus the globals
+            glob = bsa.block_sparse_attention(x_q[:, :, :g], kt, vt, bsa.dense_layout(g, t, 8, 16),
+                                              **common)
+            return jnp.concatenate([glob, tok], 2)
+
+        got = composed(x_q, x_k, x_v, mask)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Layout builders and argument checks
 # ----------------------------------------------------------------------------------------------------
 
