@@ -385,3 +385,10 @@ class T5ForConditionalGeneration(PretrainedModel):
 
 def model_class(hf_config) -> type[PretrainedModel]:
     return T5ForConditionalGeneration
+
+
+def load_tokenizer(folder: str):
+    """The LongLM tokenizer of a checkpoint folder (its ``spiece.model``)."""
+    from .t5_tokenizer import T5Tokenizer
+
+    return T5Tokenizer(folder)
