@@ -1,0 +1,153 @@
+"""Supervised fine-tuning as the model cards run it.
+
+* ``seq2seq`` — summarisation / question generation / data-to-text (LongLM, LSG-BART, PALM): encoder
+  reads ``source </s>``, the decoder learns ``target </s>`` behind ``decoder_start_token_id``
+  (default: the model config's). Loss: token cross-entropy, optional label smoothing.
+* ``classification`` — GLUE-style (COCO-LM): ``[CLS] a [SEP] (b [SEP])``, cross-entropy over the classes,
+  or MSE when there is one output (STS-B), as the HF heads compute it.
+* ``span_extraction`` — SQuAD-style (COCO-LM): ``[CLS] question [SEP] context [SEP]``; start / end targets
+  index the context tokens (the [CLS] position means "no answer", SQuAD 2.0); loss
+  0.5 * (CE(start) + CE(end)).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import TrainConfigError
+from ..losses import token_cross_entropy
+from . import Objective, pad_to, register
+
+__all__ = ["Seq2SeqFineTuning", "Classification", "SpanExtraction", "seq2seq_loss"]
+
+
+def seq2seq_loss(model, params, batch, *, z_loss=0.0, label_smoothing=0.0):
+    out = model.forward(
+        params,
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+    )
+    return token_cross_entropy(out.logits, batch["labels"], z_loss=z_loss, label_smoothing=label_smoothing)
+
+
+@register
+class Seq2SeqFineTuning(Objective):
+    name = "seq2seq"
+    kind = "pairs"
+    families = ("t5", "bart", "lsg_bart", "palm")
+    defaults = {"decoder_start_token_id": None, "label_smoothing": 0.0}
+
+    def check(self):
+        self.vocab.need("eos")
+
+    def build(self, examples, rng):
+        from .longlm import seq2seq_arrays
+
+        v = self.vocab
+        start = self.opts["decoder_start_token_id"]
+        if start is None:
+            start = getattr(self.model_config, "decoder_start_token_id", None)
+        if start is None:
+            raise TrainConfigError("seq2seq: set objective.options.decoder_start_token_id (the model config has none)")
+        inputs = [list(s)[: self.seq_len - 1] + [v.eos] for s, _ in examples]
+        targets = [(list(t) + [v.eos])[: self.target_len] for _, t in examples]
+        return seq2seq_arrays(inputs, targets, self.seq_len, self.target_len, v.pad, int(start))
+
+    def loss(self, model, params, batch, rng, *, z_loss=0.0):
+        return seq2seq_loss(model, params, batch, z_loss=z_loss, label_smoothing=self.opts["label_smoothing"])
+
+
+def encode_pair(a, b, cls_id, sep_id, max_len):
+    """``[CLS] a [SEP] (b [SEP])`` with token types 0 / 1, truncating the longer part first."""
+    a, b = list(a), (list(b) if b is not None else None)
+    budget = max_len - (3 if b is not None else 2)
+    while len(a) + (len(b) if b else 0) > budget:
+        if b and len(b) >= len(a):
+            b.pop()
+        else:
+            a.pop()
+    ids = [cls_id] + a + [sep_id]
+    types = [0] * len(ids)
+    if b is not None:
+        ids += b + [sep_id]
+        types += [1] * (len(b) + 1)
+    return ids, types
+
+
+@register
+class Classification(Objective):
+    name = "classification"
+    kind = "labels"
+    families = ("cocolm",)
+    defaults = {"num_labels": 2}
+
+    def check(self):
+        self.vocab.need("cls", "sep")
+
+    def build(self, examples, rng):
+        v = self.vocab
+        rows, types, labels = [], [], []
+        for (a, b), y in examples:
+            ids, tt = encode_pair(a, b, v.cls, v.sep, self.seq_len)
+            rows.append(ids)
+            types.append(tt)
+            labels.append(y)
+        dtype = np.float32 if self.opts["num_labels"] == 1 else np.int32
+        return {
+            "input_ids": pad_to(rows, self.seq_len, v.pad),
+            "attention_mask": pad_to([[1] * len(r) for r in rows], self.seq_len, 0),
+            "token_type_ids": pad_to(types, self.seq_len, 0),
+            "labels": np.asarray(labels, dtype),
+        }
+
+    def loss(self, model, params, batch, rng, *, z_loss=0.0):
+        out = model.forward(params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits.astype(jnp.float32)
+        y = batch["labels"]
+        if self.opts["num_labels"] == 1:
+            err = jnp.square(logits[:, 0] - y)
+            return {"loss": jnp.sum(err), "mse": jnp.sum(err), "count": jnp.asarray(y.shape[0], jnp.float32)}
+        return token_cross_entropy(logits, y, z_loss=z_loss)
+
+
+@register
+class SpanExtraction(Objective):
+    name = "span_extraction"
+    kind = "spans"
+    families = ("cocolm",)
+    defaults = {}
+
+    def check(self):
+        self.vocab.need("cls", "sep")
+
+    def build(self, examples, rng):
+        v = self.vocab
+        rows, types, starts, ends = [], [], [], []
+        for q, c, (s, e) in examples:
+            q = list(q)[: self.seq_len // 4]
+            c = list(c)[: self.seq_len - len(q) - 3]
+            ids, tt = encode_pair(q, c, v.cls, v.sep, self.seq_len)
+            off = len(q) + 2  # context starts after [CLS] q [SEP]
+            if s < 0 or e >= len(c):  # no answer, or the answer was cut away: point at [CLS]
+                s_, e_ = 0, 0
+            else:
+                s_, e_ = s + off, e + off
+            rows.append(ids)
+            types.append(tt)
+            starts.append(s_)
+            ends.append(e_)
+        return {
+            "input_ids": pad_to(rows, self.seq_len, v.pad),
+            "attention_mask": pad_to([[1] * len(r) for r in rows], self.seq_len, 0),
+            "token_type_ids": pad_to(types, self.seq_len, 0),
+            "start_positions": np.asarray(starts, np.int32),
+            "end_positions": np.asarray(ends, np.int32),
+        }
+
+    def loss(self, model, params, batch, rng, *, z_loss=0.0):
+        out = model.forward(params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        s = token_cross_entropy(out.start_logits, batch["start_positions"])
+        e = token_cross_entropy(out.end_logits, batch["end_positions"])
+        return {"loss": 0.5 * (s["loss"] + e["loss"]), "nll": 0.5 * (s["nll"] + e["nll"]), "count": s["count"]}
