@@ -48,6 +48,8 @@ __all__ = [
     "model_class",
 ]
 
+SOURCE_BUCKET = 32  # source lengths are padded up to a multiple of this (one program per bucket)
+DECODE_BUCKET = 32  # so are the cached decoder positions (max_length stays exact)
 MASK_VALUE = -1e18  # PreSumm's masked_fill value: a fully masked row attends uniformly
 EOS_BAN = -1e20  # the log-prob EOS gets while step < min_length
 
@@ -585,7 +587,7 @@ def _filter_top_k_top_p(logits, top_k: int, top_p: float):
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
     num_beams: int
-    max_length: int  # tokens generated after the start token
+    cache_len: int  # decoder positions cached: max_length rounded up to a bucket
     alpha: float
     ngram: int
     do_sample: bool
@@ -594,11 +596,12 @@ class SearchSettings:
     temperature: float
 
 
-def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids, attention_mask, min_length, start, eos, rng):
-    """PALM's beam search as one while_loop. Returns (seqs [B, M+1] start first, padded with the
-    decoder PAD id; lengths [B] after the start token; scores [B]); the pad fill is replaced by the caller."""
+def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids, attention_mask, min_length, max_length, start, eos, rng):
+    """PALM's beam search as one while_loop of at most ``max_length`` (<= cache_len) steps. Returns (seqs
+    [B, cache_len+1] start first; lengths [B] after the start token; scores [B]); the caller cuts the
+    rows and fills what follows each length with the pad id."""
     c = module.config
-    K, M, V = settings.num_beams, settings.max_length, c.vocab_size
+    K, M, V = settings.num_beams, settings.cache_len, c.vocab_size
     B = input_ids.shape[0]
     H, dh = c.dec_heads, c.dec_hidden_size // c.dec_heads
     v = {"params": params}
@@ -626,7 +629,7 @@ def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids,
     )
 
     def cond(s):
-        return (s["step"] < M) & ~jnp.all(s["done"])
+        return (s["step"] < max_length) & ~jnp.all(s["done"])
 
     def body(s):
         step = s["step"]
@@ -656,7 +659,7 @@ def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids,
         seqs = take(s["seqs"]).at[:, :, step + 1].set(tok)
         cache = [(take(kc), take(vc)) for kc, vc in cache]
 
-        last = step + 1 == M
+        last = step + 1 == max_length
         finished = (tok == eos) | last
         end = finished[:, 0]  # an item ends when its top beam finishes
         finished = finished | end[:, None]
@@ -772,7 +775,7 @@ class PalmForTextGeneration(PretrainedModel):
         length-normalised scores (the original's ``scores``).
         """
         c = self.config
-        settings, start, eos, pad_out, min_length, seed = self._generation_settings(kwargs)
+        settings, start, eos, pad_out, min_length, max_length, seed = self._generation_settings(kwargs)
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
@@ -781,6 +784,13 @@ class PalmForTextGeneration(PretrainedModel):
         mask = (ids != c.pad_token_id) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        # Right-pad the source to a bucket: PAD ids with mask 0 change nothing (the encoder masks them by
+        # attention_mask, the decoder by token id), and nearby lengths share one compiled program.
+        S = ids.shape[1]
+        S_pad = min(-(-S // SOURCE_BUCKET) * SOURCE_BUCKET, max(S, c.bert.max_position_embeddings))
+        if S_pad > S:
+            ids = np.pad(ids, ((0, 0), (0, S_pad - S)), constant_values=c.decoder_padding_idx)
+            mask = np.pad(mask, ((0, 0), (0, S_pad - S)), constant_values=0)
         fn = self._decode_cache.get(settings)
         if fn is None:
             fn = jax.jit(partial(palm_search, self.module, settings))
@@ -790,6 +800,7 @@ class PalmForTextGeneration(PretrainedModel):
             jnp.asarray(ids, jnp.int32),
             jnp.asarray(mask, jnp.int32),
             jnp.int32(min_length),
+            jnp.int32(max_length),
             jnp.int32(start),
             jnp.int32(eos),
             jax.random.PRNGKey(seed),
@@ -870,7 +881,7 @@ class PalmForTextGeneration(PretrainedModel):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         settings = SearchSettings(
             num_beams=num_beams,
-            max_length=max_length,
+            cache_len=-(-max_length // DECODE_BUCKET) * DECODE_BUCKET,
             alpha=alpha,
             ngram=ngram,
             do_sample=do_sample,
@@ -879,7 +890,7 @@ class PalmForTextGeneration(PretrainedModel):
             temperature=temperature if do_sample else 1.0,
         )
         seed = int(kwargs.get("seed") or 0)
-        return settings, int(start), int(eos), int(pad_out), min_length, seed
+        return settings, int(start), int(eos), int(pad_out), min_length, max_length, seed
 
 
 class _RenamedStateDict(Mapping):
