@@ -34,6 +34,7 @@ __all__ = [
     "GLMForSequenceClassification",
     "GLM_SIZES",
     "build_attention_mask",
+    "per_device_param_bytes",
     "model_class",
 ]
 
@@ -619,6 +620,23 @@ class GLMForSequenceClassification(_GLMBase):
 
     def decoding(self):
         raise NotImplementedError("GLMForSequenceClassification has no LM head to generate with")
+
+
+def per_device_param_bytes(config: GLMConfig, mesh) -> tuple[int, int]:
+    """(bytes of parameters each device holds, total bytes) for ``config`` placed on ``mesh`` by the logical
+    rules, computed from shapes only (nothing is allocated)."""
+    from .sharding import param_shardings
+
+    model = GLMForConditionalGeneration.__new__(GLMForConditionalGeneration)
+    model.config, model.module = config, GLMModule(config)
+    abstract = model.abstract_params()
+    shardings = param_shardings(abstract, model.logical_specs(), mesh)
+    itemsize = np.dtype(config.params_dtype).itemsize
+    leaves = jax.tree.leaves(abstract)
+    shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    per_device = sum(int(np.prod(s.shard_shape(a.shape))) for a, s in zip(leaves, shards)) * itemsize
+    total = sum(int(np.prod(a.shape)) for a in leaves) * itemsize
+    return per_device, total
 
 
 def model_class(hf_config) -> type[PretrainedModel]:
