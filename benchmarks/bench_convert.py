@@ -66,8 +66,7 @@ def make_checkpoint(folder: str, gb: float) -> tuple[int, int]:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f)
     config = T5Config.from_hf_config(hf)
-    model = T5ForConditionalGeneration.__new__(T5ForConditionalGeneration)
-    model.config, model.module = config, T5ForConditionalGeneration.make_module(config)
+    model = T5ForConditionalGeneration.bare(config)
     shapes = model.param_shapes()
     keymap = T5ForConditionalGeneration.key_map(config)
     tensors = {}

@@ -224,14 +224,18 @@ class PretrainedModel:
         return cls.config_class.from_hf_config(hf, **runtime)
 
     @classmethod
+    def bare(cls, config: ModelConfig, mesh=None) -> "PretrainedModel":
+        """An instance with config, module and mesh but no params yet (for loaders)."""
+        self = cls.__new__(cls)
+        self.config, self.mesh, self.module = config, mesh, cls.make_module(config)
+        self._jit_cache, self._decode_cache = {}, {}
+        return self
+
+    @classmethod
     def from_state_dict(cls, config: ModelConfig, state_dict, *, mesh=None, source="checkpoint", verbose=False, progress=None):
         from lmzoo.convert.keymap import load_params
 
-        self = cls.__new__(cls)
-        self.config = config
-        self.mesh = mesh
-        self.module = cls.make_module(config)
-        self._jit_cache, self._decode_cache = {}, {}
+        self = cls.bare(config, mesh)
         shapes = self.param_shapes()
         shardings = None
         if mesh is not None:
@@ -344,9 +348,7 @@ def from_pretrained(
     if config_overrides:
         config = config.replace(**config_overrides)
     if meta.get("format") == "orbax":
-        model = cls.__new__(cls)
-        model.config, model.mesh, model.module = config, mesh, cls.make_module(config)
-        model._jit_cache, model._decode_cache = {}, {}
+        model = cls.bare(config, mesh)
         abstract = model.abstract_params()
         params = writers.read_orbax(os.path.join(folder, "params"), abstract)
         params = jax.tree.map(lambda a: a.astype(config.params_dtype), params)

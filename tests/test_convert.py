@@ -265,8 +265,7 @@ def _synthetic_t5(folder, **sizes):
     folder.mkdir()
     json.dump(cfg, open(folder / "config.json", "w"))
     config = T5Config.from_hf_config(cfg)
-    model = T5ForConditionalGeneration.__new__(T5ForConditionalGeneration)
-    model.config, model.module = config, T5ForConditionalGeneration.make_module(config)
+    model = T5ForConditionalGeneration.bare(config)
     shapes = model.param_shapes()
     keymap = T5ForConditionalGeneration.key_map(config)
     tensors = {}
