@@ -242,27 +242,29 @@ def run(
     in the objective's example kind); ``stop_after`` ends the loop early after that many steps of this
     invocation (used by tests and benchmarks), without the final export."""
     out_dir = os.path.abspath(cfg.loop.out_dir)
-    mesh = mesh_from_config(cfg.mesh, devices)
     tokenizer = tokenizer or _tokenizer(cfg)
+    train_docs = read_corpus(cfg.data.train, cfg.data.format) if train_examples is None else None
+    eval_docs = read_corpus(cfg.data.eval, cfg.data.format) if eval_examples is None and cfg.data.eval else None
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.loop.keep, async_save=cfg.loop.async_save)
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        ckpt.close()
+        raise TrainConfigError(f"{out_dir} already has checkpoints (latest step {latest}); pass --resume or use another loop.out_dir")
+    mesh = mesh_from_config(cfg.mesh, devices)
     model = build_model(cfg.model, mesh)
     objective = make_objective(cfg.objective.name, tokenizer.vocab, cfg.data, cfg.objective.options, model_config=model.config)
     if objective.families and model.family not in objective.families:
         raise TrainConfigError(f"objective {objective.name!r} trains {objective.families}, not a {model.family!r} model")
-    if train_examples is None:
-        train_examples = make_examples(read_corpus(cfg.data.train, cfg.data.format), tokenizer, objective, cfg.data, cfg.data.train)
-    if eval_examples is None and cfg.data.eval:
-        eval_examples = make_examples(read_corpus(cfg.data.eval, cfg.data.format), tokenizer, objective, cfg.data, cfg.data.eval)
+    if train_docs is not None:
+        train_examples = make_examples(train_docs, tokenizer, objective, cfg.data, cfg.data.train)
+    if eval_docs is not None:
+        eval_examples = make_examples(eval_docs, tokenizer, objective, cfg.data, cfg.data.eval)
 
     B = cfg.data.batch_size
     rows = host_rows(B)
     loader = Loader(train_examples, objective.build, batch_size=B, rows=rows, seed=cfg.data.seed, host=jax.process_index(), prefetch=cfg.data.prefetch)
     total = cfg.loop.steps
     trainer = Trainer(model, objective, cfg.optim, mesh, total_steps=total, z_loss=cfg.loop.z_loss)
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.loop.keep, async_save=cfg.loop.async_save)
-
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
-        raise TrainConfigError(f"{out_dir} already has checkpoints (latest step {latest}); pass --resume or use another loop.out_dir")
     if latest is not None:
         step, state, data_state = ckpt.restore(trainer.abstract_state())
         loader.restore(data_state)

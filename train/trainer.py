@@ -120,7 +120,7 @@ class Trainer:
             (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(A)))
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = self._ratios(sums)
