@@ -35,26 +35,30 @@ __all__ = [
 ]
 
 
+def _reshaped(path, torch_shape, flax_shape, to_torch) -> Param:
+    """A torch Linear weight (transposed) or bias reshaped for Flax. A tensor of another shape is passed on
+    transposed but not reshaped, so the key map's shape check reports it by name."""
+
+    def to_flax(a):
+        if tuple(a.shape) != tuple(torch_shape):
+            return a.T
+        return (a.T if a.ndim == 2 else a).reshape(flax_shape)
+
+    return Param(tuple(path), to_flax, to_torch)
+
+
 def _qkv_param(path, H, n, d) -> Param:
     # torch [3H, H] (out, in) <-> flax [H, 3, n, d]
-    return Param(
-        tuple(path),
-        lambda a: np.ascontiguousarray(a.T).reshape(H, 3, n, d),
-        lambda a: np.ascontiguousarray(a.reshape(H, 3 * n * d).T),
-    )
+    return _reshaped(path, (3 * n * d, H), (H, 3, n, d), lambda a: np.ascontiguousarray(a.reshape(H, 3 * n * d).T))
 
 
 def _qkv_bias(path, n, d) -> Param:
-    return Param(tuple(path), lambda a: a.reshape(3, n, d), lambda a: a.reshape(3 * n * d))
+    return _reshaped(path, (3 * n * d,), (3, n, d), lambda a: a.reshape(3 * n * d))
 
 
 def _dense_param(path, H, n, d) -> Param:
     # torch [H, H] (out, in) <-> flax [n, d, H]
-    return Param(
-        tuple(path),
-        lambda a: np.ascontiguousarray(a.T).reshape(n, d, H),
-        lambda a: np.ascontiguousarray(a.reshape(n * d, H).T),
-    )
+    return _reshaped(path, (H, n * d), (n, d, H), lambda a: np.ascontiguousarray(a.reshape(n * d, H).T))
 
 
 def glm_key_map(config, head: str = "lm") -> KeyMap:

@@ -104,6 +104,7 @@ class GLMTokenizer:
         """glm-large / glm-515m: BERT uncased WordPiece ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103 in
         the real vocab), then sop = N, eop = N+1. Only [MASK] blanks (no task masks)."""
         from tokenizers import BertWordPieceTokenizer
+        from tokenizers.models import WordPiece
 
         with open(vocab_file, encoding="utf-8") as f:
             words = [w.rstrip("\n") for w in f]
@@ -111,7 +112,7 @@ class GLMTokenizer:
         for s in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"):
             if s not in ids:
                 raise ValueError(f"{vocab_file}: no {s} entry; not a BERT vocabulary")
-        tok = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+        tok = BertWordPieceTokenizer(WordPiece.read_file(vocab_file), lowercase=lowercase)
         n = len(words)
         specials = {s: ids[s] for s in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
         specials["<|startofpiece|>"] = n
