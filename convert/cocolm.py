@@ -285,8 +285,7 @@ def check_dropped(dropped: Iterable[str], config, source: str) -> None:
             bad.append(f"{k} (config rel_pos_bins=0)")
         if _bare(k).startswith("embeddings.token_type_embeddings") and config.type_vocab_size == 0:
             bad.append(f"{k} (config type_vocab_size=0)")
-        if k.startswith("scl_head.") or k.startswith(PREFIX + "scl_head."):
-            pass  # COCOLMModel without need_pooler ignores its SCL head, as here
+        # (an SCL head without need_pooler is ignored, as COCOLMModel ignores it)
     if bad:
         raise ConversionError(f"{source}: the checkpoint does not match config.json: " + "; ".join(bad[:10]))
 

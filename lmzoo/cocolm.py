@@ -600,11 +600,12 @@ class CocoLMModel(PretrainedModel):
     def config_from_folder(cls, folder, hf, **runtime):
         from lmzoo.convert.checkpoint import find_weights, open_checkpoint
         from lmzoo.convert.cocolm import config_fields_from_state_dict
+        from lmzoo.convert.torch_pickle import CheckpointError
 
         config = cls.config_class.from_hf_config(hf, **runtime)
         try:
             weights = find_weights(folder)
-        except Exception:
+        except CheckpointError:
             return config  # an lmzoo orbax folder: heads come from config.json
         return config.replace(**config_fields_from_state_dict(open_checkpoint(weights), config))
 
@@ -618,6 +619,24 @@ class CocoLMModel(PretrainedModel):
         if model.load_report["dropped"]:
             logger.info("%s: dropped %d keys COCO-LM does not use: %s", source, len(model.load_report["dropped"]), ", ".join(model.load_report["dropped"]))
         return model
+
+    def __call__(self, **kwargs):
+        """Checks ids against the tables (a gather would clamp them silently), then runs the forward."""
+        c = self.config
+        for name, limit in (("input_ids", c.vocab_size), ("position_ids", c.max_position_embeddings), ("token_type_ids", max(c.type_vocab_size, 1))):
+            v = kwargs.get(name)
+            if v is None or (name == "token_type_ids" and c.type_vocab_size == 0):
+                continue
+            a = np.asarray(v)
+            if not np.issubdtype(a.dtype, np.integer):
+                raise TypeError(f"{name} must be integers, got {a.dtype}")
+            if a.size and (a.min() < 0 or a.max() >= limit):
+                bad = a.min() if a.min() < 0 else a.max()
+                raise ValueError(f"{name} holds {int(bad)}, outside [0, {limit})")
+        ids = kwargs.get("input_ids")
+        if ids is not None and np.ndim(ids) != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {np.shape(ids)}")
+        return super().__call__(**kwargs)
 
     def export_config(self) -> dict:
         hf = self.config.to_hf_config()

@@ -463,3 +463,27 @@ def test_sharded_forward_equals_the_case():
     out = model(**inputs)
     for key, want in _outputs("cocolm-heads").items():
         assert_close(out[key], want[:2], name=f"sharded:{key}")
+
+
+def test_bad_ids_are_refused(models):
+    model = models("cocolm-base-like")
+    with pytest.raises(ValueError, match="input_ids holds 200"):
+        model(input_ids=np.array([[0, 5, 200]]))
+    with pytest.raises(ValueError, match="position_ids holds -1"):
+        model(input_ids=np.array([[0, 5, 2]]), position_ids=np.array([[0, 1, -1]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(input_ids=np.array([[0, 5, 2]]), attention_mask=np.ones((1, 4), np.int64))
+
+
+def test_fresh_model_with_every_head_round_trips(tmp_path):
+    """A model built from a config (as pretraining does) has a param for every key it exports."""
+    config = CocoLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                          max_position_embeddings=16, rel_pos_bins=8, max_rel_pos=16, need_pooler=True,
+                          heads=("classifier", "qa", "binary", "clm", "generator"), generator_layers=1, num_labels=3)
+    model = lmzoo.cocolm.CocoLMModel(config, seed=3)
+    back = lmzoo.from_pretrained(model.save_pretrained(tmp_path / "fresh", format="pytorch"))
+    assert back.config.heads == config.heads and back.config.tie_clm_head and back.config.generator_layers == 1
+    flat, flat_back = flatten_tree(model.params), flatten_tree(back.params)
+    assert set(flat) == set(flat_back)
+    for path, v in flat.items():
+        np.testing.assert_array_equal(np.asarray(flat_back[path]), np.asarray(v), err_msg=str(path))
