@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -368,15 +367,15 @@ def _prepare(q, k, v, layout, *, scale, causal, q_offset, prefix_len, kv_lengths
         arrays["bias_table"] = bias_table
         arrays["bias_buckets"] = jnp.clip(buckets, 0, num_buckets - 1)
 
-    def extra_shape(x, length):
+    def extra_shape(length):
         return (batch, heads, length, d) if qkv_layout == "bhld" else (batch, length, heads, d)
 
     has_extra = extra_k is not None
     extra_len = extra_block = extra_mask_heads = 0
     if has_extra:
         e = extra_k.shape[_seq_axis(qkv_layout)]
-        if extra_k.shape != extra_shape(extra_k, e) or extra_v is None or extra_v.shape != extra_k.shape:
-            raise ValueError(f"extra_k/extra_v must both be {extra_shape(extra_k, 'E')}")
+        if extra_k.shape != extra_shape(e) or extra_v is None or extra_v.shape != extra_k.shape:
+            raise ValueError(f"extra_k/extra_v must both be {extra_shape('E')}")
         extra_block = min(seg_block(e), bk)
         extra_len = _round_up(e, extra_block)
         arrays["extra_k"] = _pad_seq(extra_k, extra_len, qkv_layout)
@@ -630,6 +629,7 @@ class _Tile(NamedTuple):
 
 
 def _tile(st: _Static, stream: _Stream, refs, b, h, q, k, kb, km, qpos, qseg, kseg) -> _Tile:
+    """qpos: [bq, 1] positions of the tile's queries (consecutive)."""
     """Scores of one (query block, key block) tile with every mask and the bias applied in-kernel."""
     bk = stream.layout.block_k
     s = _dot(q, k, trans_b=True) * st.scale
@@ -649,7 +649,7 @@ def _tile(st: _Static, stream: _Stream, refs, b, h, q, k, kb, km, qpos, qseg, ks
             off, last = st.num_rel - st.lk, st.num_rel - 1
             rel = jnp.clip(kpos - qpos + off, 0, last)
             rows = q.shape[0]
-            q_lo = qpos[0, 0]
+            q_lo = jnp.min(qpos)  # the first query's position (a reduction: Triton has no scalar slice)
             lo = jnp.clip(kb * bk - (q_lo + rows - 1) + off, 0, last)
             hi = jnp.clip(kb * bk + bk - 1 - q_lo + off, 0, last)
             run_of, run_start, run_bucket = refs["run_of"], refs["run_start"], refs["run_bucket"]

@@ -311,6 +311,35 @@ def test_16k_lsg_forward_and_backward_have_no_quadratic_buffer():
             assert mem.temp_size_in_bytes < t * t  # well under one L x L array of any dtype
 
 
+def test_triton_path_lowers_for_gpu(monkeypatch):
+    """The GPU path (forward, dq and dk/dv kernels) lowers to Triton IR; compiling it needs a GPU."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    t, h, d, nb = 256, 2, 32, 4
+    layout = bsa.prefix_layout(t, t, 32, 32, max_prefix=64)
+    table = jnp.zeros((32, h))
+    buckets = jnp.clip(jnp.asarray(bsa.relative_positions(t, t)) + 16, 0, 31)
+
+    def fwd(q, k, v, gk, gv, sk, sv):
+        seg = jnp.zeros((1, t), jnp.int32)
+        return bsa.block_sparse_attention(
+            q, k, v, layout, scale=0.1, causal=True, prefix_len=jnp.array([40]),
+            key_mask=jnp.ones((1, t), bool), q_segment_ids=seg, kv_segment_ids=seg, bias_table=table,
+            bias_buckets=buckets, extra_k=gk, extra_v=gv, block_extra_k=sk, block_extra_v=sv,
+            qkv_layout="blhd")
+
+    def loss(*args):
+        return jnp.sum(fwd(*args).astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
+    e = jax.ShapeDtypeStruct((1, 24, h, d), jnp.bfloat16)
+    be = jax.ShapeDtypeStruct((1, nb, 8, h, d), jnp.bfloat16)
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    for f in (fwd, jax.grad(loss, argnums=tuple(range(7)))):
+        exported = jax.export.export(jax.jit(f), platforms=("cuda",), disabled_checks=[triton])(
+            x, x, x, e, e, be, be)
+        assert "xla.gpu.triton" in exported.mlir_module()
+
+
 # ----------------------------------------------------------------------------------------------------
 # LSG: the kernel's segments reproduce the original block algorithm (spec recipe, stride sparsity)
 # ----------------------------------------------------------------------------------------------------
