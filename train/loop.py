@@ -64,7 +64,7 @@ def build_model(m: ModelSection, mesh=None):
             return lmzoo.from_pretrained(m.init, dtype=m.dtype, param_dtype=m.param_dtype)
         cls = model_class_for(m.family, dict(m.config))
         try:
-            config = cls.config_class(**dict(m.config), dtype=m.dtype, param_dtype=m.param_dtype)
+            config = cls.config_class(**_nested(cls.config_class, m.config), dtype=m.dtype, param_dtype=m.param_dtype)
         except TypeError as e:
             raise TrainConfigError(f"model.config: {e}") from None
     except ConfigError as e:
@@ -74,6 +74,21 @@ def build_model(m: ModelSection, mesh=None):
     init = jax.jit(lambda r: nn.unbox(model.init_call(r, **model.dummy_inputs())["params"]), out_shardings=shardings)
     model.params = init(jax.random.PRNGKey(m.seed))
     return model
+
+
+def _nested(config_class, values) -> dict:
+    """Build nested config dataclasses (PALM's ``bert`` encoder config) from plain dicts."""
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    out = dict(values)
+    for k, v in values.items():
+        t = hints.get(k)
+        if isinstance(v, dict) and dataclasses.is_dataclass(t):
+            out[k] = t(**v)
+        elif isinstance(v, list) and typing.get_origin(t) is tuple:
+            out[k] = tuple(v)
+    return out
 
 
 def _tokenizer(cfg: TrainConfig) -> Tokenizer:

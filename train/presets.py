@@ -19,9 +19,9 @@ def _demo_dir() -> str:
 
 DEMO_MODEL = {
     "vocab_size": 300,  # 200 sentencepiece pieces + 100 <extra_id_k>
-    "d_model": 256,
-    "d_kv": 64,
-    "d_ff": 1024,
+    "d_model": 128,
+    "d_kv": 32,
+    "d_ff": 512,
     "num_layers": 3,
     "num_decoder_layers": 3,
     "num_heads": 4,
@@ -38,7 +38,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
             "model": {"family": "t5", "config": DEMO_MODEL},
             "optim": {"name": "adamw", "lr": 3e-3, "schedule": "linear", "warmup_steps": 20, "weight_decay": 0.01, "clip_norm": 1.0},
             "data": {"train": os.path.join(_demo_dir(), "demo_corpus.txt"), "tokenizer": os.path.join(_demo_dir(), "demo_spiece.model"),
-                     "batch_size": 16, "seq_len": 64, "target_len": 48},
+                     "batch_size": 16, "seq_len": 48, "target_len": 32},
             "objective": {"name": "longlm", "options": {"continuation_prob": 0.5}},
             "loop": {"steps": 300, "log_every": 10, "save_every": 100, "keep": 2, "out_dir": "runs/demo"},
         },

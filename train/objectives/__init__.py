@@ -95,7 +95,7 @@ def _load_all() -> None:
         importlib.import_module(f"{__name__}.{name}")
 
 
-_MODULES = ("longlm", "sft")
+_MODULES = ("longlm", "sft", "glm", "bart", "palm", "cocolm")
 
 
 def pad_to(seqs: Sequence[Sequence[int]], length: int, value: int, dtype=np.int32) -> np.ndarray:
@@ -108,9 +108,9 @@ def pad_to(seqs: Sequence[Sequence[int]], length: int, value: int, dtype=np.int3
     return out
 
 
-def poisson_span_lengths(rng: np.random.Generator, total: int, lam: float, max_len: int | None = None) -> list[int]:
+def poisson_span_lengths(rng: np.random.Generator, total: int, lam: float, max_len: int | None = None, *, cut: bool = True) -> list[int]:
     """Span lengths ~ Poisson(lam) restricted to >= 1 (and <= max_len), drawn until they cover
-    ``total`` tokens; the last span is cut so they sum to exactly ``total``."""
+    ``total`` tokens; with ``cut`` the last span is shortened so they sum to exactly ``total``."""
     ks = np.arange(1, (max_len or max(40, int(lam * 10))) + 1)
     logp = ks * np.log(lam) - lam - np.cumsum(np.log(ks))
     p = np.exp(logp - logp.max())
@@ -118,7 +118,8 @@ def poisson_span_lengths(rng: np.random.Generator, total: int, lam: float, max_l
     out: list[int] = []
     while sum(out) < total:
         out.append(int(rng.choice(ks, p=p)))
-    out[-1] -= sum(out) - total
+    if cut and out:
+        out[-1] -= sum(out) - total
     return [s for s in out if s > 0]
 
 
