@@ -1,8 +1,8 @@
 """COCO-LM key maps: the HF checkpoints (bare or ``cocolm.``-prefixed, fp16 on the hub) and fairseq ones.
 
-Every checkpoint is first renamed onto the HF names (``canonical_state_dict``): the ``cocolm.`` prefix
-is added or stripped to match the class the config describes (COCOLMModel saves bare keys, the head
-classes prefixed ones), and fairseq names (``encoder.sentence_encoder.*``, ``auxiliary.*``,
+The key map (``CocoLMKeyMap``) matches every checkpoint key after renaming it onto the HF names: the
+``cocolm.`` prefix is added or stripped to match the class the config describes (COCOLMModel saves bare
+keys, the head classes prefixed ones), and fairseq names (``encoder.sentence_encoder.*``, ``auxiliary.*``,
 ``classification_heads.*``) are translated. Keys the model does not use are dropped and listed, as the
 real hub files carry tensors COCOLMModel never reads. The pretraining heads have no HF wiring class;
 their names here (``binary_head.out_proj``, ``clm_head.{bias,decoder}``, ``generator.*``) are ours.
@@ -10,6 +10,7 @@ their names here (``binary_head.out_proj``, ``clm_head.{bias,decoder}``, ``gener
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Iterable, Mapping, Optional
@@ -21,7 +22,8 @@ from .torch_pickle import CheckpointError, UnsafePickleError, flatten_state_dict
 
 __all__ = [
     "hf_key_map",
-    "canonical_state_dict",
+    "CocoLMKeyMap",
+    "check_classification_heads",
     "config_fields_from_state_dict",
     "check_dropped",
     "fairseq_key",
@@ -92,6 +94,17 @@ def _dense(p: dict, src: str, dst: tuple[str, ...]) -> None:
     p[f"{src}.bias"] = plain(*dst, "bias")
 
 
+@dataclasses.dataclass
+class CocoLMKeyMap(KeyMap):
+    """Matches a checkpoint key after renaming it onto the HF names this model uses: fairseq names are
+    translated and the ``cocolm.`` prefix is added or stripped (exports use the canonical names only)."""
+
+    prefixed: bool = False
+
+    def canonical(self, key: str) -> Optional[str]:
+        return super().canonical(_hf_name(key, self.prefixed))
+
+
 def hf_key_map(config) -> KeyMap:
     """Original HF names of every param of the model ``config`` describes (prefixed iff it has heads)."""
     P = PREFIX if config.prefixed else ""
@@ -139,7 +152,7 @@ def hf_key_map(config) -> KeyMap:
         _norm(p, "generator.lm_head.LayerNorm", ("generator_head", "LayerNorm"))
         p["generator.lm_head.bias"] = plain("generator_head", "bias")
     # Everything else is dropped and listed: the hub files carry tensors COCOLMModel never reads.
-    return KeyMap(params=p, aliases=aliases, ignore=(r".*",), family="cocolm")
+    return CocoLMKeyMap(params=p, aliases=aliases, ignore=(r".*",), family="cocolm", prefixed=config.prefixed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,66 +206,34 @@ def _bare(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
 
 
-def _hf_name(key: str, prefixed: bool, fairseq: bool) -> str:
-    """The name ``key`` has in the HF layout the model uses (unknown keys keep their own name)."""
-    if fairseq:
-        new = fairseq_key(key)
-        if new is None:
-            return key
-        key = new
+def _hf_name(key: str, prefixed: bool) -> str:
+    """The name ``key`` has in the HF layout the model uses (unknown keys keep their own name).
+
+    No HF name matches a fairseq pattern, so fairseq keys are recognised one by one."""
+    key = fairseq_key(key) or key
     bare = _bare(key)
     if bare.startswith(_ENCODER_ROOTS):
         return PREFIX + bare if prefixed else bare
     return key
 
 
-class RenamedStateDict(Mapping):
-    """A lazy view of a state dict under new names (tensors are not read)."""
-
-    def __init__(self, state_dict: Mapping, rename, source: str):
-        self._sd = state_dict
-        self.source = source
-        self._names: dict[str, str] = {}
-        for k in state_dict:
-            new = rename(k)
-            if new in self._names:
-                raise ConversionError(f"{source}: keys {self._names[new]!r} and {k!r} both name {new!r}")
-            self._names[new] = k
-        self.original = dict(self._names)
-
-    def __getitem__(self, k):
-        return self._sd[self._names[k]]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self):
-        return len(self._names)
-
-
 def _classification_head_names(keys: Iterable[str]) -> list[str]:
     return sorted({k.split(".")[1] for k in keys if k.startswith("classification_heads.")})
 
 
-def canonical_state_dict(state_dict: Mapping, config) -> RenamedStateDict:
-    """Rename ``state_dict`` (HF bare / prefixed, or fairseq) onto the names ``hf_key_map(config)`` uses."""
-    source = getattr(state_dict, "source", "checkpoint")
-    fairseq = is_fairseq(state_dict)
-    if fairseq:
-        names = _classification_head_names(state_dict)
-        if len(names) > 1:
-            raise ConversionError(
-                f"{source}: fairseq checkpoint has several classification heads {names}; "
-                "keep one (load_fairseq(..., head=NAME))"
-            )
-    return RenamedStateDict(state_dict, lambda k: _hf_name(k, config.prefixed, fairseq), source)
+def check_classification_heads(keys: Iterable[str], source: str = "checkpoint") -> None:
+    """A fairseq checkpoint may hold several fine-tuning heads; the model has one classifier."""
+    names = _classification_head_names(keys)
+    if len(names) > 1:
+        raise ConversionError(
+            f"{source}: fairseq checkpoint has several classification heads {names}; keep one (load_fairseq(..., head=NAME))"
+        )
 
 
 def config_fields_from_state_dict(state_dict: Mapping, config) -> dict[str, Any]:
     """Config fields that follow from which keys a checkpoint has: the heads to build, CLM tying,
     generator depth. The encoder shape itself comes from config.json."""
-    fairseq = is_fairseq(state_dict)
-    keys = {_bare(_hf_name(k, False, fairseq)) for k in state_dict}
+    keys = {_bare(_hf_name(k, False)) for k in state_dict}
     heads = []
     if "classifier.out_proj.weight" in keys or "classifier.dense.weight" in keys:
         heads.append("classifier")
@@ -268,7 +249,7 @@ def config_fields_from_state_dict(state_dict: Mapping, config) -> dict[str, Any]
     if gen_layers or any(k.startswith("generator.lm_head.") for k in keys):
         heads.append("generator")
         fields["generator_layers"] = max(gen_layers) + 1 if gen_layers else 0
-    if fairseq and "scl_head.dense.weight" in keys:
+    if is_fairseq(state_dict) and "scl_head.dense.weight" in keys:
         fields["need_pooler"] = True
     fields["heads"] = tuple(heads)
     return fields
@@ -278,12 +259,13 @@ def check_dropped(dropped: Iterable[str], config, source: str) -> None:
     """Dropped keys are fine (unused extras), unless they show the config does not describe the file."""
     bad = []
     for k in dropped:
-        m = re.match(r"(?:cocolm\.)?encoder\.layer\.(\d+)\.", k)
+        b = _bare(_hf_name(k, False))
+        m = re.match(r"encoder\.layer\.(\d+)\.", b)
         if m and int(m.group(1)) >= config.num_hidden_layers:
             bad.append(f"{k} (config num_hidden_layers={config.num_hidden_layers})")
-        if _bare(k) == "relative_attention_bias.weight" and config.rel_pos_bins == 0:
+        if b == "relative_attention_bias.weight" and config.rel_pos_bins == 0:
             bad.append(f"{k} (config rel_pos_bins=0)")
-        if _bare(k).startswith("embeddings.token_type_embeddings") and config.type_vocab_size == 0:
+        if b.startswith("embeddings.token_type_embeddings") and config.type_vocab_size == 0:
             bad.append(f"{k} (config type_vocab_size=0)")
         # (an SCL head without need_pooler is ignored, as COCOLMModel ignores it)
     if bad:

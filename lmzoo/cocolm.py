@@ -14,9 +14,7 @@ import dataclasses
 import functools
 import logging
 import math
-import os
-import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -611,10 +609,10 @@ class CocoLMModel(PretrainedModel):
 
     @classmethod
     def from_state_dict(cls, config, state_dict, *, mesh=None, source="checkpoint", verbose=False, progress=None):
-        from lmzoo.convert.cocolm import canonical_state_dict, check_dropped
+        from lmzoo.convert.cocolm import check_classification_heads, check_dropped
 
-        sd = canonical_state_dict(state_dict, config)
-        model = super().from_state_dict(config, sd, mesh=mesh, source=source, verbose=verbose, progress=progress)
+        check_classification_heads(state_dict, source)
+        model = super().from_state_dict(config, state_dict, mesh=mesh, source=source, verbose=verbose, progress=progress)
         check_dropped(model.load_report["dropped"], config, source)
         if model.load_report["dropped"]:
             logger.info("%s: dropped %d keys COCO-LM does not use: %s", source, len(model.load_report["dropped"]), ", ".join(model.load_report["dropped"]))

@@ -213,9 +213,15 @@ def test_bare_keys_on_a_head_model(tmp_path):
     name = "cocolm-cls"
     arrays = {k.removeprefix("cocolm."): a for k, a in _read_arrays(case_dir(name)).items()}
     assert "embeddings.word_embeddings.weight" in arrays
-    model = lmzoo.from_pretrained(_copy_case(name, tmp_path, arrays))
+    folder = _copy_case(name, tmp_path, arrays)
+    model = lmzoo.from_pretrained(folder)
     assert model.load_report["dropped"] == []
     assert_close(model(**load_npz(name)).logits, _outputs(name)["logits"], name="bare")
+    # the streaming converter matches keys through the same key map and writes the original (prefixed) names
+    from lmzoo.convert.convert import convert_checkpoint
+
+    convert_checkpoint(folder, str(tmp_path / "converted"))
+    assert set(open_checkpoint(str(tmp_path / "converted")).keys()) == set(open_checkpoint(case_dir(name)).keys())
 
 
 def test_missing_head_key_is_named(tmp_path):
