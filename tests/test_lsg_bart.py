@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -71,8 +72,8 @@ def test_mask_first_token_hides_token0_from_the_decoder_too():
     model = load_case_model("lsg-bart-stride")
     inputs = load_npz("lsg-bart-stride")
     mask = inputs["attention_mask"].copy()
-    v = {"params": model.params}
-    enc, cross = model.module.apply(v, jnp.asarray(inputs["input_ids"]), jnp.asarray(mask), method=BartModule.encode)
+    encode = jax.jit(lambda p, ids, m: model.module.apply({"params": p}, ids, m, method=BartModule.encode))
+    enc, cross = encode(model.params, jnp.asarray(inputs["input_ids"]), jnp.asarray(mask))
     np.testing.assert_array_equal(mask, inputs["attention_mask"])  # not mutated
     G = model.config.num_global_tokens
     assert enc.shape == (2, G + mask.shape[1], model.config.d_model)
@@ -274,9 +275,10 @@ def test_lsg_attention_matches_literal_reference(geometry):
             rng = np.random.default_rng(7)
             lsh_r = [rng.normal(size=s) for s in lsh_projection_shapes(q.shape[1], q.shape[3], B, sbs, sf, 1)]
         want = reference_lsg(q, k, v, m, G, B, sbs, sf, stype, lsh_r)
-        got = lsg_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v, m)), num_global_tokens=G, block_size=B,
-                            sparse_block_size=sbs, sparsity_factor=sf, sparsity_type=stype,
-                            lsh_projections=None if lsh_r is None else [jnp.asarray(r, jnp.float32) for r in lsh_r])
+        attend = jax.jit(functools.partial(lsg_attention, num_global_tokens=G, block_size=B, sparse_block_size=sbs,
+                                           sparsity_factor=sf, sparsity_type=stype))
+        got = attend(*(jnp.asarray(x, jnp.float32) for x in (q, k, v, m)),
+                     lsh_projections=None if lsh_r is None else [jnp.asarray(r, jnp.float32) for r in lsh_r])
         assert_close(got, want, name=f"{stype} {geometry[:5]}", atol=2e-5, rtol=1e-5)
 
 
