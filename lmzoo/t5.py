@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .configuration import ConfigError, ModelConfig
-from .layers import ACTIVATIONS, Embed, Linear, RMSNorm, constrain, dot_product_attention, t5_relative_position_bucket
+from .attention import attend
+from .layers import ACTIVATIONS, Embed, Linear, RMSNorm, constrain, t5_relative_position_bucket
 from .modeling import PretrainedModel
 from .outputs import Seq2SeqLMOutput
 
@@ -110,12 +111,18 @@ class T5Attention(nn.Module):
     def project_kv(self, x):
         return self.heads(self.k(x)), self.heads(self.v(x))
 
-    def __call__(self, x, kv=None, *, bias=None, mask=None):
-        """x [B,Lq,D]; kv = (k [B,Lk,H,Dk], v) precomputed, or None for self-attention on x."""
+    def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0, bias_table=None, bucket_fn=None):
+        """x [B,Lq,D]; kv = (k [B,Lk,H,Dk], v) precomputed, or None for self-attention on x.
+
+        T5 attention is unscaled; masks and the relative bias are passed in factored form (see attend).
+        """
         q = self.heads(self.q(x))
         k, v = kv if kv is not None else self.project_kv(x)
         q = constrain(q, ("batch", "length", "act_heads", "kv"))
-        out, _ = dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0, dtype=self.config.compute_dtype)
+        out = attend(
+            q, k, v, impl=self.config.attention_impl, scale=1.0, key_mask=key_mask, causal=causal, q_offset=q_offset,
+            bias_table=bias_table, bucket_fn=bucket_fn, dtype=self.config.compute_dtype,
+        )
         out = out.reshape(out.shape[:2] + (self.config.inner_dim,))
         return self.o(out)
 
@@ -157,12 +164,12 @@ class T5Block(nn.Module):
             return jnp.clip(x, -big, big)
         return x
 
-    def __call__(self, x, *, bias, mask, cross_kv=None, cross_mask=None, self_kv=None):
+    def __call__(self, x, *, self_attn: dict, cross_kv=None, cross_mask=None, self_kv=None):
         h = self.self_attn_norm(x)
-        x = self._clamp(x + self.self_attn(h, self_kv, bias=bias, mask=mask))
+        x = self._clamp(x + self.self_attn(h, self_kv, **self_attn))
         if self.is_decoder:
             h = self.cross_attn_norm(x)
-            x = self._clamp(x + self.cross_attn(h, cross_kv, mask=cross_mask))
+            x = self._clamp(x + self.cross_attn(h, cross_kv, key_mask=cross_mask))
         x = self._clamp(x + self.mlp(self.mlp_norm(x)))
         return constrain(x, ("batch", "length", "act_embed"))
 
@@ -183,25 +190,28 @@ class T5Stack(nn.Module):
         self.blocks = [T5Block(c, is_decoder=self.is_decoder, name=f"block_{i}") for i in range(n)]
         self.final_layer_norm = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.compute_dtype, param_dtype=c.params_dtype)
 
-    def position_bias(self, q_pos, k_pos):
-        """[1,H,Lq,Lk] bias for query positions q_pos [Lq] and key positions k_pos [Lk]."""
+    def bucket(self, rel):
+        """T5 bucket of rel = key_pos - query_pos (bidirectional in the encoder, causal in the decoder)."""
         c = self.config
-        rel = k_pos[None, :] - q_pos[:, None]
-        buckets = t5_relative_position_bucket(
+        return t5_relative_position_bucket(
             rel,
             bidirectional=not self.is_decoder,
             num_buckets=c.relative_attention_num_buckets,
             max_distance=c.relative_attention_max_distance,
         )
-        bias = jnp.take(self.relative_attention_bias, buckets, axis=0)  # [Lq,Lk,H]
-        return jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)
 
-    def __call__(self, x, *, mask, bias, cross_kvs=None, cross_mask=None, self_kvs=None):
+    def self_attention_args(self, key_mask=None, q_offset=0) -> dict:
+        """Mask and bias of this stack's self-attention (the bias table of block 0, shared by all blocks)."""
+        return dict(
+            key_mask=key_mask, causal=self.is_decoder, q_offset=q_offset,
+            bias_table=self.relative_attention_bias, bucket_fn=self.bucket,
+        )
+
+    def __call__(self, x, *, self_attn: dict, cross_kvs=None, cross_mask=None, self_kvs=None):
         for i, blk in enumerate(self.blocks):
             x = blk(
                 x,
-                bias=bias,
-                mask=mask,
+                self_attn=self_attn,
                 cross_kv=None if cross_kvs is None else cross_kvs[i],
                 cross_mask=cross_mask,
                 self_kv=None if self_kvs is None else self_kvs[i],
@@ -226,11 +236,7 @@ class T5Module(nn.Module):
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None):
         x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.compute_dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
-        L = x.shape[1]
-        pos = jnp.arange(L)
-        bias = self.encoder.position_bias(pos, pos)
-        mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
-        return self.encoder(x, mask=mask, bias=bias)
+        return self.encoder(x, self_attn=self.encoder.self_attention_args(attention_mask))
 
     def lm_logits(self, y):
         c = self.config
@@ -244,25 +250,20 @@ class T5Module(nn.Module):
     def decode(self, decoder_input_ids, encoder_hidden, attention_mask=None, decoder_attention_mask=None, decoder_inputs_embeds=None):
         c = self.config
         y = self.shared(decoder_input_ids) if decoder_inputs_embeds is None else decoder_inputs_embeds.astype(c.compute_dtype)
-        T = y.shape[1]
-        pos = jnp.arange(T)
-        bias = self.decoder.position_bias(pos, pos)
-        causal = pos[None, :] <= pos[:, None]
-        mask = causal[None, None]
-        if decoder_attention_mask is not None:
-            mask = mask & decoder_attention_mask[:, None, None, :].astype(bool)
-        cross_mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
-        h = self.decoder(y, mask=mask, bias=bias, cross_kvs=self.cross_kvs(encoder_hidden), cross_mask=cross_mask)
+        # without decoder_attention_mask every decoder position is visible (a leading pad id is not masked)
+        h = self.decoder(
+            y,
+            self_attn=self.decoder.self_attention_args(decoder_attention_mask),
+            cross_kvs=self.cross_kvs(encoder_hidden),
+            cross_mask=attention_mask,
+        )
         return h, self.lm_logits(h)
 
     def decode_step(self, tokens, index, cache, cross_kvs, cross_mask):
         """One decoding step for every row: tokens [N], index = position; cache: per-block (k, v) [N,S,H,Dk]."""
         c = self.config
         y = self.shared(tokens[:, None])
-        S = cache[0][0].shape[1]
-        kpos = jnp.arange(S)
-        bias = self.decoder.position_bias(jnp.reshape(index, (1,)), kpos)
-        mask = (kpos <= index)[None, None, None, :]
+        self_attn = self.decoder.self_attention_args(q_offset=index)
         new_cache = []
         x = y
         for i, blk in enumerate(self.decoder.blocks):
@@ -271,9 +272,9 @@ class T5Module(nn.Module):
             kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k.astype(cache[i][0].dtype), index, axis=1)
             vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v.astype(cache[i][1].dtype), index, axis=1)
             new_cache.append((kc, vc))
-            x = blk._clamp(x + blk.self_attn(h, (kc, vc), bias=bias, mask=mask))
+            x = blk._clamp(x + blk.self_attn(h, (kc, vc), **self_attn))
             h = blk.cross_attn_norm(x)
-            x = blk._clamp(x + blk.cross_attn(h, cross_kvs[i], mask=cross_mask))
+            x = blk._clamp(x + blk.cross_attn(h, cross_kvs[i], key_mask=cross_mask))
             x = blk._clamp(x + blk.mlp(blk.mlp_norm(x)))
         h = self.decoder.final_layer_norm(x)
         return self.lm_logits(h)[:, 0].astype(jnp.float32), new_cache
@@ -372,7 +373,7 @@ class T5ForConditionalGeneration(PretrainedModel):
             n = ids.shape[0]
             z = jnp.zeros((n, max_len, c.num_heads, c.d_kv), c.compute_dtype)
             cache = [(z, z) for _ in range(c.num_decoder_layers)]
-            static = {"cross": cross, "cross_mask": mask[:, None, None, :].astype(bool)}
+            static = {"cross": cross, "cross_mask": mask}
             return static, cache
 
         def step(params, static, cache, tokens, index):

@@ -1,0 +1,106 @@
+"""One attention entry point for every family: the XLA reference or the Pallas block-sparse kernel.
+
+``attend`` takes the mask and relative-position bias in factored form — key mask [B, Lk], causal with a
+query offset, GLM's per-example prefix, a small bias table [num_buckets, H] plus a bucket function of
+``rel = key_pos - query_pos`` — and either materialises them for the plain XLA path
+(``attention_impl="xla"``, the numerical reference) or hands them to the Pallas kernel
+(``attention_impl="pallas"``), which computes masks and bias in-kernel and never builds an Lq x Lk
+array. Masked scores get the float32 minimum added, as the originals' additive masks do, so a fully
+masked row attends uniformly in both paths.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .layers import dot_product_attention
+
+__all__ = ["attend", "kernel_block"]
+
+F32_MIN = float(np.finfo(np.float32).min)
+
+
+def kernel_block(length: int, preferred: int = 128) -> int:
+    """Kernel block size for a sequence: ``preferred`` for long inputs, a power of two >= 16 for short."""
+    b = 16
+    while b < min(length, preferred):
+        b *= 2
+    return b
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(kind: str, lq: int, lk: int, bq: int, bk: int):
+    from lmzoo.kernels.block_sparse_attention import causal_layout, dense_layout
+
+    if kind == "causal":
+        return causal_layout(lq, lk, bq, bk, q_offset=max(lk - lq, 0))
+    return dense_layout(lq, lk, bq, bk)
+
+
+def attend(
+    q,
+    k,
+    v,
+    *,
+    impl: str = "xla",
+    scale: float = 1.0,
+    key_mask=None,
+    causal: bool = False,
+    q_offset=0,
+    prefix_len=None,
+    bias_table=None,
+    bucket_fn: Optional[Callable] = None,
+    mask_value: float = F32_MIN,
+    dtype=jnp.float32,
+):
+    """Softmax attention of q [B,Lq,H,D] over k/v [B,Lk,H,D]; returns [B,Lq,H,D] in ``dtype``.
+
+    key_mask: [B, Lk] truthy = visible. causal: key j visible to query i iff j <= q_offset + i, or (with
+    prefix_len [B]) j < prefix_len[b]. bias_table [num_buckets, H] with bucket_fn(rel int32 array) ->
+    bucket ids adds ``bias_table[bucket_fn(j - (q_offset + i))]`` to the scores. q_offset is an int or a
+    traced int32 scalar (KV-cache decoding).
+    """
+    B, Lq, H, _ = q.shape
+    Lk = k.shape[1]
+    if impl == "pallas":
+        from lmzoo.kernels.block_sparse_attention import block_sparse_attention, relative_positions
+
+        bq, bk = kernel_block(Lq), kernel_block(Lk)
+        # decoding with a cache: q_offset is traced; the causal layout must cover every offset
+        layout = _layout("causal" if causal and prefix_len is None and isinstance(q_offset, int) else "dense", Lq, Lk, bq, bk)
+        buckets = None
+        if bias_table is not None:
+            q_off_max = Lk if not isinstance(q_offset, int) else q_offset
+            buckets = bucket_fn(jnp.asarray(relative_positions(Lq, Lk, q_off_max)))
+        qo = q_offset if isinstance(q_offset, int) else jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+        out = block_sparse_attention(
+            q.astype(dtype), k.astype(dtype), v.astype(dtype), layout, scale=scale, causal=causal, q_offset=qo,
+            prefix_len=prefix_len, key_mask=key_mask, bias_table=bias_table, bias_buckets=buckets,
+            mask_value=mask_value, qkv_layout="blhd",
+        )
+        return out.astype(dtype)
+    if impl != "xla":
+        raise ValueError(f"attention_impl must be 'xla' or 'pallas', got {impl!r}")
+    qpos = q_offset + jnp.arange(Lq)
+    kpos = jnp.arange(Lk)
+    bias = None
+    if bias_table is not None:
+        rel = kpos[None, :] - qpos[:, None]
+        bias = jnp.transpose(jnp.take(bias_table, bucket_fn(rel), axis=0), (2, 0, 1))[None].astype(jnp.float32)
+    mask = None
+    if causal:
+        vis = kpos[None, :] <= qpos[:, None]
+        vis = vis[None, None]
+        if prefix_len is not None:
+            vis = vis | (kpos[None, None, None, :] < prefix_len[:, None, None, None])
+        mask = vis
+    if key_mask is not None:
+        km = key_mask[:, None, None, :].astype(bool)
+        mask = km if mask is None else mask & km
+    out, _ = dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, dtype=dtype, mask_value=mask_value)
+    return out
