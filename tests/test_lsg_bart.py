@@ -17,6 +17,7 @@ import lmzoo
 from lmzoo.lsg_attention import MIN, lsg_attention, lsh_projection_shapes
 from lmzoo.lsg_bart import BartModule, LSGBartConfig
 
+from .conftest import require
 from .parity import assert_close, case_dir, cases, load_generate_records, load_npz
 
 BART_CASES = cases(("bart-", "lsg-bart-"))
@@ -428,3 +429,58 @@ def test_order_positions_matches_the_strided_layout():
     # global k = 16a + c (a < 32, c < 16) gets old position 64c + 2a
     k = np.arange(512)
     np.testing.assert_array_equal(out[:, 0], 64 * (k % 16) + 2 * (k // 16))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe_files(tmp_path_factory):
+    """A small GPT-2-style vocab.json + merges.txt (specials 0..3, <mask> last), trained here."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Long documents need long attention: LSG!",
+              "Summaries of scientific papers, café and naïve résumé.", "1234 5678 tokens\ttabs\nnew lines"] * 20
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(corpus, vocab_size=400, min_frequency=2, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    folder = tmp_path_factory.mktemp("bpe")
+    tok.save_model(str(folder))
+    vocab = json.load(open(folder / "vocab.json"))
+    vocab["<mask>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    return folder
+
+
+TEXTS = ["The quick brown fox.", " leading space and  double  spaces", "café naïve 日本語 émoji 🙂", "a <mask> token",
+         "<s>inline specials</s> here", "tabs\tand\nnew lines", "unknown-ish ZZZ qqq", ""]
+
+
+def test_tokenizer_ids_match_transformers_bart_tokenizer(bpe_files):
+    transformers = require("transformers")
+    from lmzoo.bart_tokenizer import BartTokenizer
+
+    ours = BartTokenizer.from_pretrained(bpe_files)
+    ref = transformers.BartTokenizer(str(bpe_files / "vocab.json"), str(bpe_files / "merges.txt"))
+    assert (ours.bos_token_id, ours.pad_token_id, ours.eos_token_id, ours.mask_token_id) == \
+        (ref.bos_token_id, ref.pad_token_id, ref.eos_token_id, ref.mask_token_id)
+    for text in TEXTS:
+        assert ours.encode(text) == ref.encode(text), text
+        assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False), text
+        ids = ref.encode(text)
+        assert ours.decode(ids) == ref.decode(ids, clean_up_tokenization_spaces=False), text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True,
+                                                                           clean_up_tokenization_spaces=False), text
+    assert ours.encode(TEXTS[0], TEXTS[1]) == ref.encode(TEXTS[0], TEXTS[1])
+    assert ours.encode(TEXTS[1], max_length=6, truncation=True) == ref.encode(TEXTS[1], max_length=6, truncation=True)
+    batch = ours(TEXTS[:3])
+    want = ref(TEXTS[:3], padding=True, return_tensors="np")
+    np.testing.assert_array_equal(batch["input_ids"], want["input_ids"])
+    np.testing.assert_array_equal(batch["attention_mask"], want["attention_mask"])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ours.decode([len(ours) + 5])
+    spaced = BartTokenizer.from_pretrained(bpe_files, add_prefix_space=True)
+    ref_spaced = transformers.BartTokenizer(str(bpe_files / "vocab.json"), str(bpe_files / "merges.txt"), add_prefix_space=True)
+    for text in TEXTS[:4]:
+        assert spaced.encode(text) == ref_spaced.encode(text), text
