@@ -27,7 +27,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("-v", "--verbose", action="store_true", help="list every mapped key and the keys dropped")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    lsg = p.add_argument_group("--to-lsg: turn a BART checkpoint into an LSG-BART one for long inputs")
+    lsg.add_argument("--to-lsg", action="store_true", help="extend positions by tiling, add global tokens, write LSG config keys")
+    lsg.add_argument("--max-length", type=int, default=16384, help="new max_position_embeddings (default 16384)")
+    lsg.add_argument("--block-size", type=int, default=256, help="LSG local block size (default 256)")
+    lsg.add_argument("--sparse-block-size", type=int, default=128)
+    lsg.add_argument("--sparsity-factor", type=int, default=2)
+    lsg.add_argument("--sparsity-type", default="norm", choices=("none", "norm", "pooling", "stride", "block_stride", "bos_pooling", "lsh"))
+    lsg.add_argument("--num-global-tokens", type=int, default=1)
+    lsg.add_argument("--mask-first-token", action="store_true")
+    lsg.add_argument("--mask-token-id", type=int, default=None, help="id of <mask> (default: read from the tokenizer files)")
+    lsg.add_argument("--seed", type=int, default=123, help="seed of the global-token initialisation")
     return p
+
+
+def _to_lsg(args) -> int:
+    from lmzoo.convert.lsg_bart import bart_to_lsg
+
+    if args.format == "orbax":
+        raise ValueError("--to-lsg writes the original layout: use --format pytorch or safetensors")
+    if args.dtype:
+        raise ValueError("--to-lsg keeps float32; convert the result with --dtype afterwards")
+    import os
+
+    if os.path.exists(args.dst) and not args.overwrite:
+        raise FileExistsError(f"{args.dst} already exists (pass --overwrite to replace it)")
+    out = bart_to_lsg(
+        args.src, args.dst, max_length=args.max_length, block_size=args.block_size,
+        sparse_block_size=args.sparse_block_size, sparsity_factor=args.sparsity_factor,
+        sparsity_type=None if args.sparsity_type == "none" else args.sparsity_type,
+        num_global_tokens=args.num_global_tokens, mask_first_token=args.mask_first_token, seed=args.seed,
+        mask_token_id=args.mask_token_id,
+        format=args.format,
+    )
+    print(f"wrote {out} (LSG-BART, {args.max_length} positions, block {args.block_size}, {args.sparsity_type} sparsity)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -44,6 +78,8 @@ def main(argv=None) -> int:
         dtype = np.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else np.dtype(args.dtype)
     bar = None
     try:
+        if args.to_lsg:
+            return _to_lsg(args)
         _, _, _, tensors, plan = plan_conversion(args.src, dtype=dtype)
         total = sum(t.nbytes for t in tensors.values() if t.alias_of is None)
         if not args.quiet:

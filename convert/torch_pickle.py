@@ -217,10 +217,6 @@ class _Namespace(dict):
             self.update(state)
 
 
-def _namespace(*args, **kwargs):
-    return _Namespace(**kwargs)
-
-
 # (module, name) -> the safe callable/object the unpickler hands back. Anything else is refused.
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,

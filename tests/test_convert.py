@@ -292,3 +292,24 @@ def test_conversion_streams_with_bounded_peak_rss(tmp_path):
     m_src, m_dst = open_checkpoint(str(tmp_path / "big")), open_checkpoint(str(tmp_path / "out"))
     for k in ("shared.weight", "decoder.block.1.layer.2.DenseReluDense.wo.weight"):
         np.testing.assert_array_equal(m_src[k].numpy(), m_dst[k].numpy())
+
+
+def test_to_lsg_cli_makes_a_long_input_lsg_bart(tmp_path):
+    out = tmp_path / "lsg"
+    args = [case_dir("bart-tiny"), str(out), "--to-lsg", "--max-length", "512", "--block-size", "16",
+            "--num-global-tokens", "4", "--mask-token-id", "199", "-q"]
+    assert convert_main(args) == 0
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["max_position_embeddings"] == 512 and cfg["block_size"] == 16 and cfg["num_global_tokens"] == 4
+    assert cfg["architectures"] == ["LSGBartForConditionalGeneration"]
+    m = lmzoo.from_pretrained(str(out))
+    assert type(m).__name__ == "LSGBartForConditionalGeneration"
+    sd = open_checkpoint(str(out))
+    table = sd["model.encoder.embed_positions.weight"].numpy()
+    src = open_checkpoint(case_dir("bart-tiny"))["model.encoder.embed_positions.weight"].numpy()
+    assert table.shape == (514, src.shape[1])
+    np.testing.assert_array_equal(table[2 : 2 + 64], src[2:66])  # positions tiled from the learned table
+    np.testing.assert_array_equal(table[2 + 64 : 2 + 128], src[2:66])
+    ids = np.random.default_rng(0).integers(3, 199, size=(1, 300))
+    assert m.generate(ids, num_beams=2, max_length=12, no_repeat_ngram_size=3, early_stopping=True).shape[0] == 1
+    assert convert_main(args) == 1  # exists now: refused without --overwrite
