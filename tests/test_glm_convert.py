@@ -29,7 +29,7 @@ def reference(tmp_path_factory):
     torch = require("torch")
     cfg = GLMConfig.from_hf_config(HF)
     model = GLMForConditionalGeneration(cfg, seed=0)
-    sd = {k: t.get() for k, t in export_tensors(model.params, model.key_map(cfg)).items()}
+    sd = {k: np.array(t.get()) for k, t in export_tensors(model.params, model.key_map(cfg)).items()}
     d = tmp_path_factory.mktemp("hub")
     (d / "config.json").write_text(json.dumps(HF))
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, d / "pytorch_model.bin")
