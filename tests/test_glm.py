@@ -11,6 +11,7 @@ import lmzoo
 from lmzoo.glm import GLM_SIZES, GLMConfig, GLMForConditionalGeneration, build_attention_mask
 from lmzoo.glm_infill import blank_layout, glm_decoding
 
+from .conftest import require
 from .parity import assert_close, case_dir, cases, load_generate_records, load_npz
 
 GLM_CASES = cases(("glm-",))
@@ -102,6 +103,62 @@ def test_step_matches_full_forward(models):
     for i in range(sep, T):
         logits, cache = step(model.params, static, cache, jnp.asarray(ids[:, i]), jnp.int32(i))
         assert_close(logits[0], full[i], name=f"step {i}")
+
+
+def test_gelu_variant_is_a_config_field():
+    """tanh GELU (the original training code) is a config override; the parity rule tells it from erf (HF)."""
+    name = "glm-causal"
+    model = lmzoo.from_pretrained(case_dir(name), gelu_approximate=True)
+    assert model.config.gelu_approximate and "gelu_approximate" not in GLMConfig().to_hf_config()
+    got = np.asarray(model(**load_npz(name)).logits, np.float64)
+    want = load_npz(name, "outputs.npz")["logits"]
+    diff = np.abs(got - want)
+    assert diff.max() > 5e-4 and (diff <= 1e-4 + 1e-4 * np.abs(want)).mean() < 0.99
+
+
+def _numpy_glm(params, cfg, ids, pos, sep):
+    """Float64 NumPy forward written from the spec (used for the attention_scale > 1 branch)."""
+    from scipy.special import erf
+
+    P = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    t = P["transformer"]
+    ln = lambda x, p: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * p["scale"] + p["bias"]
+    x = P["word_embeddings"]["embedding"][ids] + t["position_embeddings"]["embedding"][pos[:, 0]] + t["block_position_embeddings"]["embedding"][pos[:, 1]]
+    S, n, d, a = ids.shape[1], cfg.num_attention_heads, cfg.head_dim, cfg.attention_scale
+    i = np.arange(S)
+    m = ((i[None, :] < np.asarray(sep)[:, None, None]) | (i[None, :] <= i[:, None]))[:, None].astype(np.float64)
+    for li in range(cfg.num_layers):
+        L = t[f"layers_{li}"]
+        at = L["attention"]
+        qkv = np.einsum("bsh,hknd->bsknd", ln(x, L["input_layernorm"]), at["qkv_kernel"]) + at["qkv_bias"]
+        q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))
+        sc = (q / np.sqrt(a)) @ (k.transpose(0, 1, 3, 2) / np.sqrt(d * a))
+        sc = sc * m
+        sc = (sc - sc.max(-1, keepdims=True)) * a + (-65504.0) * (1 - m)
+        p_ = np.exp(sc - sc.max(-1, keepdims=True))
+        p_ /= p_.sum(-1, keepdims=True)
+        ctx = (p_ @ v).transpose(0, 2, 1, 3)
+        x = x + np.einsum("bsnd,ndh->bsh", ctx, at["dense_kernel"]) + at["dense_bias"]
+        h = ln(x, L["post_attention_layernorm"])
+        mlp = L["mlp"]
+        h = h @ mlp["dense_h_to_4h"]["kernel"] + mlp["dense_h_to_4h"]["bias"]
+        h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+        x = x + h @ mlp["dense_4h_to_h"]["kernel"] + mlp["dense_4h_to_h"]["bias"]
+    y = ln(x, t["final_layernorm"])
+    return y @ P["word_embeddings"]["embedding"].T
+
+
+def test_attention_scale_branch_matches_numpy_reference():
+    require("scipy")
+    cfg = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, max_sequence_length=16, vocab_size=50, attention_scale=2.0)
+    model = GLMForConditionalGeneration(cfg, seed=3)
+    params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape), model.params)
+    model.params = params
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, (2, 9))
+    pos = np.stack([np.stack([np.r_[np.arange(5), [2] * 4], np.r_[[0] * 5, 1 + np.arange(4)]])] * 2)
+    got = model(input_ids=ids, position_ids=pos, attention_mask=np.array([5, 3])).logits
+    assert_close(got, _numpy_glm(params, cfg, ids, pos, [5, 3]), name="attention_scale=2")
 
 
 # ---- attention-mask forms ------------------------------------------------------------------------
@@ -355,6 +412,9 @@ def test_sharded_forward_on_8_devices_and_10b_memory(models):
     want = np.asarray(ref(input_ids=ids, attention_mask=np.array([5, 8, 3, 16])).logits)
     got = sharded(input_ids=ids, attention_mask=np.array([5, 8, 3, 16])).logits
     assert_close(got, want, name="sharded logits", atol=1e-5, rtol=1e-5)
+    lay = blank_layout([[200, 5, 6, 201, 7, 255]] * 2, next_mask=[3, 3], max_gen_length=6, sop_id=202, pad_id=255)
+    kw = dict(position_ids=lay.position_ids, generation_attention_mask=lay.generation_attention_mask, max_new_tokens=6, eos_token_id=203)
+    np.testing.assert_array_equal(sharded.generate(lay.input_ids, **kw), ref.generate(lay.input_ids, **kw))
 
     from lmzoo.glm import per_device_param_bytes
 
