@@ -1,6 +1,6 @@
 """``lmzoo demo``: a short, real training run on CPU that a newcomer can watch.
 
-It pretrains a small LongLM-shaped model (T5 v1.0, about 1.4M params) for a few hundred steps on the
+It pretrains a small LongLM-shaped model (T5 v1.0, about 1.4M params) for 500 steps on the
 English stories shipped in ``lmzoo/data`` with LongLM's objective (span infilling + continuation),
 showing a progress bar with a falling loss; saves a checkpoint and exports the model; reloads it with
 ``lmzoo.from_pretrained``; and generates: it continues a story opening and fills a blank.
@@ -33,7 +33,7 @@ def _encode_prompt(tok, kind: str, text: str) -> list[int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lmzoo demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="lmzoo-demo", help="output folder (checkpoints, metrics, exported model)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
 
@@ -75,10 +75,15 @@ def main(argv=None) -> int:
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
-    gen = model.generate(ids, attention_mask=mask, max_length=40, num_beams=1, do_sample=False,
+    # LongLM's README samples with top_p=0.9; the seed makes it reproducible
+    # one blank per prompt: the other sentinels are not wanted in the answer
+    sentinel = tok.vocab.sentinel(1)
+    others = [[s] for s in tok.vocab.sentinels if s != sentinel]
+    gen = model.generate(ids, attention_mask=mask, max_length=40, do_sample=True, top_p=0.9, seed=0, bad_words_ids=others,
                          decoder_start_token_id=model.config.decoder_start_token_id, eos_token_id=tok.vocab.eos)
     for (kind, text), row in zip(PROMPTS, gen):
-        print(f"[{kind}] {text}\n   -> {tok.decode(row[1:])}")
+        body = [int(t) for t in row[1:] if t != sentinel]  # targets open with <extra_id_1>
+        print(f"[{kind}] {text}\n   -> {tok.decode(body)}")
     return 0
 
 

@@ -249,3 +249,18 @@ def test_family_trains_and_loss_falls(tmp_path, family):
     # the falling term: the whole loss, or for COCO-LM (dominated by the 50x copy loss) its generator MLM
     key = "gen" if family == "cocolm" else "loss"
     assert losses[30][key] < 0.8 * losses[5][key], {s: r[key] for s, r in losses.items()}
+
+
+def test_seq2seq_layouts():
+    import types
+
+    v = Vocab(size=50, pad=0, eos=2, bos=1)
+    t5 = make_objective("seq2seq", v, data(8, 6), {"decoder_start_token_id": 1})
+    b = t5.build([([5, 6, 7], [8, 9]), ([5] * 20, [9] * 20)], np.random.default_rng(0))
+    assert b["input_ids"][0].tolist() == [5, 6, 7, 2, 0, 0, 0, 0] and b["input_ids"][1, -1] == 2
+    assert b["labels"][0].tolist() == [8, 9, 2, -100, -100, -100] and b["decoder_input_ids"][0].tolist() == [1, 8, 9, 2, 0, 0]
+    palm_cfg = types.SimpleNamespace(family="palm", bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    palm = make_objective("seq2seq", v, data(8, 6), model_config=palm_cfg)
+    b = palm.build([([5, 6, 7], [8, 9])], np.random.default_rng(0))
+    assert b["input_ids"][0].tolist() == [101, 5, 6, 7, 102, 0, 0, 0]
+    assert b["labels"][0].tolist() == [101, 8, 9, 102, 0, 0] and "decoder_input_ids" not in b

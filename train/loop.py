@@ -52,9 +52,9 @@ class RunResult:
         return {"done": 0, "preempted": EXIT_PREEMPTED, "nan": 1}[self.status]
 
 
-def build_model(m: ModelSection, mesh=None):
+def build_model(m: ModelSection, mesh=None, *, init: bool = True):
     """A model from a checkpoint (``m.init``) or a random one of ``m.family`` with ``m.config`` fields,
-    its params initialised directly onto ``mesh``'s shardings."""
+    its params initialised directly onto ``mesh``'s shardings (``init=False``: no params, e.g. to restore)."""
     import lmzoo
     from lmzoo.configuration import ConfigError
     from lmzoo.modeling import model_class_for
@@ -70,6 +70,8 @@ def build_model(m: ModelSection, mesh=None):
     except ConfigError as e:
         raise TrainConfigError(f"model: {e}") from None
     model = cls(config, params={})
+    if not init:
+        return model
     shardings = model.param_shardings(mesh) if mesh is not None else None
     init = jax.jit(lambda r: nn.unbox(model.init_call(r, **model.dummy_inputs())["params"]), out_shardings=shardings)
     model.params = init(jax.random.PRNGKey(m.seed))
@@ -182,11 +184,13 @@ def evaluate(trainer: Trainer, params, loader: Loader, n_batches: int, *, mesh, 
 
 def _predictions(model, params, objective, batch, tokenizer, gen_len):
     if objective.kind in ("pairs", "tokens"):
-        start = int(batch["decoder_input_ids"][0, 0])
-        eos = objective.vocab.eos
+        if "decoder_input_ids" in batch:
+            start, eos = int(batch["decoder_input_ids"][0, 0]), objective.vocab.eos
+        else:  # PALM: labels hold the start token, and the model's config its ids
+            start, eos = int(batch["labels"][0, 0]), model.config.eos_token_id
         ids = decode(model, params, batch["input_ids"], batch["attention_mask"], max_len=gen_len, start=start, eos=eos)
         preds = [tokenizer.decode(_strip(row, eos, start)) for row in ids]
-        refs = [tokenizer.decode(_strip(row, eos)) for row in batch["labels"]]
+        refs = [tokenizer.decode(_strip(row, eos, start)) for row in batch["labels"]]
         return preds, refs
     if objective.kind == "labels":
         out = model.forward(params, input_ids=jnp.asarray(batch["input_ids"]), attention_mask=jnp.asarray(batch["attention_mask"]))

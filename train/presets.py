@@ -36,11 +36,11 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "a tiny LongLM (T5) pretrained on the shipped corpus: span infilling + continuation",
         {
             "model": {"family": "t5", "config": DEMO_MODEL},
-            "optim": {"name": "adamw", "lr": 3e-3, "schedule": "linear", "warmup_steps": 20, "weight_decay": 0.01, "clip_norm": 1.0},
+            "optim": {"name": "adamw", "lr": 3e-3, "schedule": "linear", "warmup_steps": 30, "weight_decay": 0.01, "clip_norm": 1.0},
             "data": {"train": os.path.join(_demo_dir(), "demo_corpus.txt"), "tokenizer": os.path.join(_demo_dir(), "demo_spiece.model"),
                      "batch_size": 16, "seq_len": 48, "target_len": 32},
             "objective": {"name": "longlm", "options": {"continuation_prob": 0.5}},
-            "loop": {"steps": 300, "log_every": 10, "save_every": 100, "keep": 2, "out_dir": "runs/demo"},
+            "loop": {"steps": 500, "log_every": 10, "save_every": 100, "keep": 2, "out_dir": "runs/demo"},
         },
     ),
     "longlm-finetune": (

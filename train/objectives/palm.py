@@ -47,6 +47,25 @@ def bert_mask(x, rng, *, rate: float, mask_id: int, vocab_size: int, low: int = 
     return out.tolist(), labels.tolist()
 
 
+def palm_decoder_loss(model, params, batch):
+    """PALM's own loss (label-smoothed KL, summed) on labels ``[CLS] target [SEP]``, plus the plain NLL,
+    normalised by the number of non-pad target tokens. Returns (sums, outputs)."""
+    out = model.forward(params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    pad = model.config.pad_token_id
+    target = batch["labels"][:, 1:]
+    valid = target != pad
+    logp = out.log_probs.astype(jnp.float32)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logp, axis=-1) == target) & valid
+    sums = {
+        "loss": out.loss.astype(jnp.float32),
+        "nll": jnp.sum(jnp.where(valid, nll, 0.0)),
+        "correct": jnp.sum(correct).astype(jnp.float32),
+        "count": jnp.sum(valid).astype(jnp.float32),
+    }
+    return sums, out
+
+
 @register
 class PalmPretraining(Objective):
     name = "palm"
@@ -85,13 +104,7 @@ class PalmPretraining(Objective):
         }
 
     def loss(self, model, params, batch, rng, *, z_loss=0.0):
-        out = model.forward(params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        target = batch["labels"][:, 1:]
-        count = jnp.sum(target != model.config.pad_token_id).astype(jnp.float32)
-        logp = out.log_probs.astype(jnp.float32)
-        valid = target != model.config.pad_token_id
-        nll = -jnp.take_along_axis(logp, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
-        sums = {"loss": out.loss.astype(jnp.float32), "nll": jnp.sum(jnp.where(valid, nll, 0.0)), "count": count}
+        sums, out = palm_decoder_loss(model, params, batch)
         mlm_logits = getattr(out, "mlm_logits", None)
         if mlm_logits is not None:
             m = token_cross_entropy(mlm_logits, batch["mlm_labels"])

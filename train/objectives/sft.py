@@ -46,6 +46,15 @@ class Seq2SeqFineTuning(Objective):
         from .longlm import seq2seq_arrays
 
         v = self.vocab
+        if self._is_palm:  # PALM's forward takes labels [CLS] target [SEP] and shifts them itself
+            c = self.model_config
+            srcs = [[c.bos_token_id] + list(s)[: self.seq_len - 2] + [c.eos_token_id] for s, _ in examples]
+            tgts = [[c.bos_token_id] + list(t)[: self.target_len - 2] + [c.eos_token_id] for _, t in examples]
+            return {
+                "input_ids": pad_to(srcs, self.seq_len, c.pad_token_id),
+                "attention_mask": pad_to([[1] * len(r) for r in srcs], self.seq_len, 0),
+                "labels": pad_to(tgts, self.target_len, c.pad_token_id),
+            }
         start = self.opts["decoder_start_token_id"]
         if start is None:
             start = getattr(self.model_config, "decoder_start_token_id", None)
@@ -55,8 +64,21 @@ class Seq2SeqFineTuning(Objective):
         targets = [(list(t) + [v.eos])[: self.target_len] for _, t in examples]
         return seq2seq_arrays(inputs, targets, self.seq_len, self.target_len, v.pad, int(start))
 
+    @property
+    def _is_palm(self) -> bool:
+        return getattr(self.model_config, "family", "") == "palm"
+
     def loss(self, model, params, batch, rng, *, z_loss=0.0):
+        if self._is_palm:
+            from .palm import palm_decoder_loss
+
+            return palm_decoder_loss(model, params, batch)[0]
         return seq2seq_loss(model, params, batch, z_loss=z_loss, label_smoothing=self.opts["label_smoothing"])
+
+    def num_tokens(self, batch):
+        if self._is_palm:
+            return int(np.sum(batch["attention_mask"]) + np.sum(np.asarray(batch["labels"]) != self.model_config.pad_token_id))
+        return super().num_tokens(batch)
 
 
 def encode_pair(a, b, cls_id, sep_id, max_len):
