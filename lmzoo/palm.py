@@ -159,11 +159,6 @@ class PalmConfig(ModelConfig):
     def architecture_fields(cls) -> list[str]:
         return list(PALM_FIELDS)
 
-    def to_hf_config(self) -> dict[str, Any]:
-        out = super().to_hf_config()
-        out.pop("architectures", None)  # PalmConfig files carry none
-        return out
-
     def generation_defaults(self) -> dict[str, Any]:
         out = super().generation_defaults()
         out.update(
@@ -777,11 +772,15 @@ class PalmForTextGeneration(PretrainedModel):
         c = self.config
         settings, start, eos, pad_out, min_length, max_length, seed = self._generation_settings(kwargs)
         ids = np.asarray(input_ids)
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be integer ids [batch, length], got {ids.dtype} of shape {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
             raise ValueError(f"input_ids hold ids outside [0, {c.vocab_size}): min {ids.min()}, max {ids.max()}")
         mask = (ids != c.pad_token_id) if attention_mask is None else np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None]
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
         # Right-pad the source to a bucket: PAD ids with mask 0 change nothing (the encoder masks them by
