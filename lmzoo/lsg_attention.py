@@ -241,16 +241,6 @@ def _dense(q, k, v, mask):
     return _softmax_attend(q, k, v, mask, "nhqd,nhkd->nhqk", "nhqk,nhkd->nhqd")
 
 
-def _local_blocks(x, nb, B, fill):
-    """[n,H,t,...] -> [n,H,nb,3B,...]: blocks i-1, i, i+1 side by side (outside: ``fill``)."""
-    lead = x.shape[:2]
-    xb = x.reshape(lead + (nb, B) + x.shape[3:])
-    pad = [(0, 0)] * xb.ndim
-    pad[2] = (1, 1)
-    xp = jnp.pad(xb, pad, constant_values=fill)
-    return jnp.concatenate([xp[:, :, :-2], xp[:, :, 1:-1], xp[:, :, 2:]], axis=3)
-
-
 def lsg_attention(q, k, v, mask, *, num_global_tokens: int, block_size: int, sparse_block_size: int,
                   sparsity_factor: int, sparsity_type: Optional[str], lsh_projections=None, lsh_num_pre_rounds: int = 1,
                   impl: str = "xla", mask_dtype=jnp.float32):
@@ -298,31 +288,37 @@ def lsg_attention(q, k, v, mask, *, num_global_tokens: int, block_size: int, spa
 
 
 def _lsg_blocks_xla(qt, kt, vt, mask, kg, vg, sparse, B):
+    """Token queries, one softmax over [globals | sparse keys | local window], computed piece by piece.
+
+    The scores of each piece are kept apart (no concatenated key or score tensor): the row max and the
+    normaliser are combined across pieces, and each piece's weights multiply its own values. The local
+    window reads the previous / own / next block of a zero-padded block view of the keys.
+    """
     n, H, t, d = qt.shape
     nb = t // B
-    G = kg.shape[2]
     qb = qt.reshape(n, H, nb, B, d)
-    kl = _local_blocks(kt, nb, B, 0)  # [n,H,nb,3B,d]
-    vl = _local_blocks(vt, nb, B, 0)
-    ml = _local_blocks(mask[:, None], nb, B, MIN)  # [n,1,nb,3B]
-    keys = [jnp.broadcast_to(kg[:, :, None], (n, H, nb, G, d))]
-    vals = [jnp.broadcast_to(vg[:, :, None], (n, H, nb, G, d))]
-    masks = [jnp.zeros((n, 1, nb, G), jnp.float32)]
+    kb = jnp.pad(kt.reshape(n, H, nb, B, d), ((0, 0), (0, 0), (1, 1), (0, 0), (0, 0)))
+    vb = jnp.pad(vt.reshape(n, H, nb, B, d), ((0, 0), (0, 0), (1, 1), (0, 0), (0, 0)))
+    mb = jnp.pad(mask.reshape(n, 1, nb, B), ((0, 0), (0, 0), (1, 1), (0, 0)), constant_values=MIN)
+    inv = jnp.float32(1.0 / math.sqrt(d))
+
+    def scores(eq, keys):
+        return jnp.einsum(eq, qb, keys).astype(jnp.float32) * inv
+
+    pieces = [(scores("nhbqd,nhgd->nhbqg", kg), vg, "nhbqg,nhgd->nhbqd")]
     if sparse is not None:
         ksw, vsw, msw = sparse
-        keys.append(ksw)
-        vals.append(vsw)
-        masks.append(msw)
-    keys.append(kl)
-    vals.append(vl)
-    masks.append(ml)
-    hm = max(m.shape[1] for m in masks)
-    m = jnp.concatenate([jnp.broadcast_to(x, (n, hm) + x.shape[2:]) for x in masks], axis=-1)
-    ctx = _softmax_attend(
-        qb, jnp.concatenate(keys, axis=3), jnp.concatenate(vals, axis=3), m[:, :, :, None, :],
-        "nhbqd,nhbkd->nhbqk", "nhbqk,nhbkd->nhbqd",
-    )
-    return ctx.reshape(n, H, t, d)
+        pieces.append((scores("nhbqd,nhbsd->nhbqs", ksw) + msw[:, :, :, None, :], vsw, "nhbqs,nhbsd->nhbqd"))
+    for o in range(3):  # blocks i-1, i, i+1
+        s = scores("nhbqd,nhbkd->nhbqk", kb[:, :, o:o + nb]) + mb[:, :, o:o + nb, None, :]
+        pieces.append((s, vb[:, :, o:o + nb], "nhbqk,nhbkd->nhbqd"))
+    row_max = functools.reduce(jnp.maximum, [jax.lax.stop_gradient(s.max(-1, keepdims=True)) for s, _, _ in pieces])
+    out, den = 0.0, 0.0
+    for s, vals, eq in pieces:
+        e = jnp.exp(s - row_max)
+        den = den + e.sum(-1, keepdims=True)
+        out = out + jnp.einsum(eq, e.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    return (out / den).astype(qt.dtype).reshape(n, H, t, d)
 
 
 def _lsg_blocks_pallas(qt, kt, vt, mask, kg, vg, sparse, B):
