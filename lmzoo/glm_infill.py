@@ -18,18 +18,16 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .generation import Decoding
+from .generation import Decoding, GenerationSettings, _process, resolve_settings
 
-__all__ = ["glm_decoding", "generate", "GLMGenerationSettings", "blank_layout", "fill_blanks", "BlankLayout"]
+__all__ = ["glm_decoding", "generate", "blank_layout", "fill_blanks", "BlankLayout"]
 
-NEG_INF = -float("inf")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,189 +75,60 @@ def glm_decoding(model) -> Decoding:
 
 
 # ----------------------------------------------------------------------------------------------------
-# settings
-_ACCEPTED = (
-    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "do_sample", "top_k", "top_p",
-    "temperature", "length_penalty", "no_repeat_ngram_size", "early_stopping", "repetition_penalty",
-    "num_return_sequences", "use_cache", "decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id",
-    "forced_bos_token_id", "forced_eos_token_id", "bad_words_ids", "seed",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class GLMGenerationSettings:
-    max_length: int
-    min_length: int
-    num_beams: int
-    do_sample: bool
-    top_k: int
-    top_p: float
-    temperature: float
-    length_penalty: float
-    no_repeat_ngram_size: int
-    early_stopping: Any
-    repetition_penalty: float
-    num_return_sequences: int
-    eos: tuple[int, ...]
-    pad: int
-    forced_eos: Optional[int]
-    bad_words_ids: tuple[tuple[int, ...], ...]
-    seed: int
-
-    def compile_key(self):
-        # numbers that only enter as traced values do not split the compile cache
-        return dataclasses.replace(self, max_length=0, min_length=0, seed=0, top_p=float(self.top_p < 1.0),
-                                   temperature=float(self.temperature != 1.0), repetition_penalty=float(self.repetition_penalty != 1.0))
-
-
-def _ids(x) -> tuple[int, ...]:
-    if x is None:
-        return ()
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return tuple(int(i) for i in np.asarray(x).reshape(-1))
-    return (int(x),)
-
-
-def resolve(defaults: dict, kwargs: dict, prompt_len: int, vocab: int) -> GLMGenerationSettings:
-    unknown = [k for k in kwargs if k not in _ACCEPTED]
-    if unknown:
-        raise TypeError(f"generate() got unexpected keyword arguments {unknown}; accepted: {list(_ACCEPTED)}")
-    s = dict(defaults)
-    s.update(kwargs)
-
-    def num(name, default, cast):
-        v = s.get(name)
-        return default if v is None else cast(v)
-
-    max_length = num("max_length", 20, int)
-    if s.get("max_new_tokens") is not None:
-        max_length = prompt_len + int(s["max_new_tokens"])
-    min_length = num("min_length", 0, int)
-    if s.get("min_new_tokens") is not None:
-        min_length = max(min_length, prompt_len + int(s["min_new_tokens"]))
-    eos = _ids(s.get("eos_token_id"))
-    pad = s.get("pad_token_id")
-    if pad is None:
-        pad = eos[0] if eos else 0
-    bad = s.get("bad_words_ids") or ()
-    if bad and not all(isinstance(b, (list, tuple)) and len(b) > 0 for b in bad):
-        raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids, got {bad!r}")
-    early = s.get("early_stopping", False)
-    if early not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early!r}")
-    if s.get("forced_bos_token_id") is not None:
-        raise ValueError("forced_bos_token_id has no meaning for GLM (decoder-only: the prompt is already there)")
-    fe = s.get("forced_eos_token_id")
-    out = GLMGenerationSettings(
-        max_length=max_length,
-        min_length=min_length,
-        num_beams=num("num_beams", 1, int),
-        do_sample=bool(s.get("do_sample") or False),
-        top_k=num("top_k", 0, int),
-        top_p=num("top_p", 1.0, float),
-        temperature=num("temperature", 1.0, float),
-        length_penalty=num("length_penalty", 1.0, float),
-        no_repeat_ngram_size=num("no_repeat_ngram_size", 0, int),
-        early_stopping=early,
-        repetition_penalty=num("repetition_penalty", 1.0, float),
-        num_return_sequences=num("num_return_sequences", 1, int),
-        eos=eos,
-        pad=int(pad),
-        forced_eos=None if fe is None else _ids(fe)[0],
-        bad_words_ids=tuple(tuple(int(t) for t in b) for b in bad),
-        seed=num("seed", 0, int),
-    )
-    if out.num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {out.num_beams}")
-    if out.num_beams > 1 and out.do_sample:
+# settings and processors: the shared ones (transformers' processors are the same in 4.33 and 4.46)
+def resolve(model, kwargs: dict, prompt_len: int, vocab: int) -> GenerationSettings:
+    defaults = dict(model.config.generation_defaults())
+    if defaults.get("decoder_start_token_id") is None and defaults.get("bos_token_id") is None:
+        defaults["decoder_start_token_id"] = 0  # decoder-only: the prompt is the start; the id is never used
+    s = resolve_settings(defaults, kwargs, prompt_length=prompt_len, vocab_size=vocab)
+    if s.num_beams > 1 and s.do_sample:
         raise NotImplementedError("beam sampling (num_beams > 1 with do_sample=True) is not implemented for GLM")
-    if out.num_return_sequences < 1 or (not out.do_sample and out.num_return_sequences > out.num_beams):
-        raise ValueError(f"num_return_sequences={out.num_return_sequences} must be between 1 and num_beams={out.num_beams}")
-    if out.max_length <= prompt_len:
-        raise ValueError(f"max_length={out.max_length} leaves no room to generate after a prompt of {prompt_len} tokens")
-    if out.do_sample and out.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {out.temperature}")
-    if not 0.0 <= out.top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {out.top_p}")
-    for name, ids in (("eos_token_id", eos), ("bad_words_ids", tuple(t for b in out.bad_words_ids for t in b))):
-        for i in ids:
-            if not 0 <= i < vocab:
-                raise ValueError(f"{name} contains {i}, outside the vocabulary [0, {vocab})")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# logits processors, transformers 4.33 order: repetition penalty, no-repeat n-gram, bad words, min length,
-# forced EOS; then (sampling) temperature, top-k, top-p.
-def process(scores, tokens, cur, s: GLMGenerationSettings, dyn, *, keep: int = 1):
-    """scores [N,V] (f32) given tokens [N,S] whose first ``cur`` columns are the sequence so far."""
-    N, V = scores.shape
-    S = tokens.shape[1]
-    pos = jnp.arange(S)
-    rows = lambda a: jnp.broadcast_to(jnp.arange(N)[:, None], a.shape)
-    if s.repetition_penalty != 1.0:
-        p = dyn["repetition_penalty"]
-        idx = jnp.where(pos[None, :] < cur, tokens, V)
-        got = jnp.take_along_axis(scores, jnp.minimum(idx, V - 1), axis=1)
-        scores = scores.at[rows(idx), idx].set(jnp.where(got < 0, got * p, got / p), mode="drop")
-    n = s.no_repeat_ngram_size
-    if n > 0:
-        # n-grams ending at j+n-1 < cur whose first n-1 tokens equal the last n-1 generated ones
-        match = pos[None, :] + n <= cur
-        for o in range(n - 1):
-            prev = jax.lax.dynamic_slice_in_dim(tokens, cur - n + 1 + o, 1, axis=1)
-            match = match & (jnp.roll(tokens, -o, axis=1) == prev)
-        banned = jnp.where(match, jnp.roll(tokens, -(n - 1), axis=1), V)
-        ban = jnp.zeros((N, V), bool).at[rows(banned), banned].set(True, mode="drop")
-        scores = jnp.where(ban & (cur + 1 >= n), NEG_INF, scores)
+    if s.forced_bos_token_id is not None:
+        raise ValueError("forced_bos_token_id has no meaning for GLM (decoder-only: the prompt is already there)")
     for seq in s.bad_words_ids:
-        *prefix, last = seq
-        hit = jnp.ones((N,), bool)
-        if prefix:
-            k = len(prefix)
-            tail = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(cur - k, 0), k, axis=1)
-            hit = jnp.all(tail == jnp.asarray(prefix, tokens.dtype)[None], axis=1) & (cur >= k)
-        scores = scores.at[:, last].set(jnp.where(hit, NEG_INF, scores[:, last]))
-    if s.eos:
-        eos = jnp.asarray(s.eos)
-        scores = scores.at[:, eos].set(jnp.where(cur < dyn["min_length"], NEG_INF, scores[:, eos]))
-    if s.forced_eos is not None:
-        forced = jnp.full((V,), NEG_INF).at[s.forced_eos].set(0.0)
-        scores = jnp.where(cur == dyn["max_length"] - 1, forced[None], scores)
-    if s.do_sample:
-        if s.temperature != 1.0:
-            scores = scores / dyn["temperature"]
-        if s.top_k > 0:
-            k = min(max(s.top_k, keep), V)
-            kth = jax.lax.top_k(scores, k)[0][:, -1:]
-            scores = jnp.where(scores < kth, NEG_INF, scores)
-        if s.top_p < 1.0:
-            order = jnp.argsort(scores, axis=-1)  # ascending, as transformers sorts
-            sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
-            cum = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)
-            remove = (cum <= 1.0 - dyn["top_p"]).at[:, V - keep:].set(False)
-            remove = jnp.zeros_like(remove).at[rows(order), order].set(remove)
-            scores = jnp.where(remove, NEG_INF, scores)
-    return scores
+        for i in seq:
+            if not 0 <= i < vocab:
+                raise ValueError(f"bad_words_ids contains {i}, outside the vocabulary [0, {vocab})")
+    return s
 
 
-def _dyn(s: GLMGenerationSettings):
+def _static_key(s: GenerationSettings) -> GenerationSettings:
+    """The settings with every traced number blanked: what a compiled program depends on."""
+    return dataclasses.replace(
+        s, max_length=0, min_length=0, seed=0, decoder_start_token_id=0, pad_token_id=0,
+        top_p=float(s.top_p < 1.0), temperature=float(s.temperature != 1.0), repetition_penalty=float(s.repetition_penalty != 1.0),
+        eos_token_ids=(0,) * len(s.eos_token_ids),
+        forced_eos_token_id=None if s.forced_eos_token_id is None else (0,) * len(s.forced_eos_token_id),
+    )
+
+
+def process(scores, tokens, cur, s: GenerationSettings, dyn, *, keep: int = 1):
+    """transformers' processors and warpers on scores [N, V] given tokens [N, S] filled up to ``cur``."""
+    return _process(scores, tokens, cur, s, dyn, log_probs=False, n_keep=keep)
+
+
+def _dyn(s: GenerationSettings):
     return {
         "max_length": jnp.int32(s.max_length),
         "min_length": jnp.int32(s.min_length),
+        "pad": jnp.int32(s.pad_token_id),
+        "start": jnp.int32(0),
+        "forced_bos": jnp.int32(0),
         "temperature": jnp.float32(s.temperature),
         "top_p": jnp.float32(s.top_p),
         "repetition_penalty": jnp.float32(s.repetition_penalty),
+        "eos": jnp.asarray(s.eos_token_ids or (0,), jnp.int32)[: len(s.eos_token_ids)],
+        "forced_eos": jnp.asarray(s.forced_eos_token_id or (0,), jnp.int32),
     }
 
 
-def _greedy_or_sample(dec: Decoding, s: GLMGenerationSettings, S: int):
+def _greedy_or_sample(dec: Decoding, s: GenerationSettings, S: int):
     def run(params, inputs, dyn, key):
         ids = inputs["input_ids"]
         N, L = ids.shape
         static, cache = dec.start(params, inputs, S)
-        tokens = jnp.full((N, S), s.pad, jnp.int32).at[:, :L].set(ids)
-        eos = jnp.asarray(s.eos or (-1,), jnp.int32)
+        tokens = jnp.full((N, S), dyn["pad"], jnp.int32).at[:, :L].set(ids)
+        eos = dyn["eos"]
 
         def cond(c):
             return (c["cur"] < dyn["max_length"]) & jnp.any(c["alive"])
@@ -272,7 +141,7 @@ def _greedy_or_sample(dec: Decoding, s: GLMGenerationSettings, S: int):
                 nxt = jax.random.categorical(jax.random.fold_in(key, cur), scores, axis=-1)
             else:
                 nxt = jnp.argmax(scores, axis=-1)
-            nxt = jnp.where(c["alive"], nxt.astype(jnp.int32), s.pad)
+            nxt = jnp.where(c["alive"], nxt.astype(jnp.int32), dyn["pad"])
             alive = c["alive"] & ~jnp.any(nxt[:, None] == eos[None], axis=1)
             return {"tokens": c["tokens"].at[:, cur].set(nxt), "cache": cache, "cur": cur + 1, "alive": alive}
 
@@ -283,7 +152,7 @@ def _greedy_or_sample(dec: Decoding, s: GLMGenerationSettings, S: int):
     return run
 
 
-def _beam_step(dec: Decoding, s: GLMGenerationSettings, K: int):
+def _beam_step(dec: Decoding, s: GenerationSettings, K: int):
     """One compiled beam step: reorder the cache, feed the last tokens, score, top-K over beams x vocab."""
 
     def step(params, static, cache, src, tokens, cur, beam_scores, dyn):
@@ -330,16 +199,16 @@ class _Hypotheses:
         return self.worst >= best_sum_logprobs / denom**self.lp
 
 
-def _beam_search(model, dec, s: GLMGenerationSettings, inputs, S: int):
+def _beam_search(model, dec, s: GenerationSettings, inputs, S: int):
     nb = s.num_beams
     ids = np.asarray(inputs["input_ids"])
     B, L = ids.shape
-    K = max(2, 1 + len(s.eos)) * nb
+    K = max(2, 1 + len(s.eos_token_ids)) * nb
     key = ("glm-beam-start", S)
     start = model._decode_cache.get(key)
     if start is None:
         start = model._decode_cache[key] = jax.jit(lambda p, i: dec.start(p, i, S))
-    key = ("glm-beam-step", s.compile_key(), S)
+    key = ("glm-beam-step", _static_key(s), S)
     step = model._decode_cache.get(key)
     if step is None:
         step = model._decode_cache[key] = jax.jit(_beam_step(dec, s, K))
@@ -347,7 +216,7 @@ def _beam_search(model, dec, s: GLMGenerationSettings, inputs, S: int):
     static, cache = start(model.params, inputs)
     static, cache = jax.tree.map(rep, static), jax.tree.map(rep, cache)
     N = B * nb
-    tokens = np.full((N, S), s.pad, np.int32)
+    tokens = np.full((N, S), s.pad_token_id, np.int32)
     tokens[:, :L] = np.repeat(ids, nb, axis=0)
     beam_scores = np.zeros((B, nb), np.float32)
     beam_scores[:, 1:] = -1e9
@@ -355,7 +224,7 @@ def _beam_search(model, dec, s: GLMGenerationSettings, inputs, S: int):
     done = np.zeros(B, bool)
     src = np.arange(N, dtype=np.int32)
     dyn = _dyn(s)
-    eos = set(s.eos)
+    eos = set(s.eos_token_ids)
     V = dec.vocab_size
     cur = L
     while True:
@@ -363,7 +232,7 @@ def _beam_search(model, dec, s: GLMGenerationSettings, inputs, S: int):
                                 jnp.asarray(beam_scores.reshape(N)), dyn)
         top, cand = np.asarray(top), np.asarray(cand)
         new_scores = np.zeros((B, nb), np.float32)
-        new_tok = np.full((B, nb), s.pad, np.int32)
+        new_tok = np.full((B, nb), s.pad_token_id, np.int32)
         new_src = np.arange(N, dtype=np.int32).reshape(B, nb)
         for b in range(B):
             if done[b]:
@@ -402,11 +271,11 @@ def _beam_search(model, dec, s: GLMGenerationSettings, inputs, S: int):
             best.append(ranked.pop()[1])
     lengths = np.array([len(x) for x in best])
     width = min(int(lengths.max()) + 1, s.max_length)
-    out = np.full((len(best), width), s.pad, np.int64)
+    out = np.full((len(best), width), s.pad_token_id, np.int64)
     for i, hyp in enumerate(best):
         out[i, : len(hyp)] = hyp
-        if len(hyp) < width and s.eos:
-            out[i, len(hyp)] = s.eos[0]
+        if len(hyp) < width and s.eos_token_ids:
+            out[i, len(hyp)] = s.eos_token_ids[0]
     return out
 
 
@@ -435,7 +304,7 @@ def generate(
     if ids.min() < 0 or ids.max() >= V:
         raise ValueError(f"input_ids contain ids outside the vocabulary [0, {V}): min {ids.min()}, max {ids.max()}")
     B, L = ids.shape
-    s = resolve(model.config.generation_defaults(), kwargs, L, V)
+    s = resolve(model, kwargs, L, V)
     S = s.max_length  # tokens buffer; the last column fed to the model is S-2
     if position_ids is None:
         pos = np.stack([np.arange(S), np.zeros(S, np.int64)])[None].repeat(B, 0)
@@ -469,7 +338,7 @@ def generate(
     n = s.num_return_sequences if s.do_sample else 1
     if n > 1:
         inputs = {k: jnp.repeat(v, n, axis=0) for k, v in inputs.items()}
-    key = ("glm-greedy", s.compile_key(), S, "mask" in str(sorted(inputs)))
+    key = ("glm-greedy", _static_key(s), S, "generation_attention_mask" in inputs)
     fn = model._decode_cache.get(key)
     if fn is None:
         fn = model._decode_cache[key] = jax.jit(_greedy_or_sample(dec, s, S))
