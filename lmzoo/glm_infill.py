@@ -26,7 +26,7 @@ import numpy as np
 
 from .generation import Decoding, GenerationSettings, _process, resolve_settings
 
-__all__ = ["glm_decoding", "generate", "blank_layout", "fill_blanks", "BlankLayout"]
+__all__ = ["glm_decoding", "generate", "blank_layout", "fill_blanks", "BlankLayout", "multiple_choice_layout"]
 
 
 
@@ -488,3 +488,62 @@ def fill_blanks(
         pieces.append(tokenizer.decode(cur))
         filled.append("".join(p for p in pieces))
     return filled[0] if single else filled
+
+
+def multiple_choice_layout(
+    contexts: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[Sequence[int]]],
+    *,
+    mask_ids: Sequence[int],
+    sop_id: int,
+    pad_id: int = 0,
+) -> dict:
+    """Cloze-scoring inputs for :class:`lmzoo.glm.GLMForMultipleChoice` (HF ``build_inputs_for_multiple_choice``).
+
+    Per row: the context (Part A, positions 0..), then for each choice c ``[sop] + c[:-1]`` at the position of
+    the context's first blank with block positions 1..|c|. Each choice is causal within itself, sees the whole
+    context and never another choice (block-diagonal mask). ``choice_indices`` are the positions whose
+    distributions score the choice's tokens. Rows are right-padded with ``pad_id`` (masked out; position ids
+    repeat the last column).
+    """
+    rows = []
+    for ctx, chs in zip(contexts, choices):
+        ctx = list(ctx)
+        blank = next((i for i, t in enumerate(ctx) if t in set(mask_ids)), None)
+        if blank is None:
+            raise ValueError(f"context {ctx[:20]}... has no blank (one of ids {list(mask_ids)})")
+        tok, pos, blk = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+        groups, ids_, idx_ = [(0, len(ctx))], [], []
+        for c in chs:
+            c = [int(t) for t in c]
+            if not c:
+                raise ValueError("a choice has no tokens")
+            start = len(tok)
+            ids_.append(c)
+            idx_.append(list(range(start, start + len(c))))
+            tok += [sop_id] + c[:-1]
+            pos += [blank] * len(c)
+            blk += list(range(1, len(c) + 1))
+            groups.append((start, len(c)))
+        rows.append((tok, pos, blk, groups, ids_, idx_))
+    T = max(len(r[0]) for r in rows)
+    B = len(rows)
+    input_ids = np.full((B, T), pad_id, np.int64)
+    position_ids = np.zeros((B, 2, T), np.int64)
+    mask = np.zeros((B, 1, T, T), np.int64)
+    for b, (tok, pos, blk, groups, _, _) in enumerate(rows):
+        n = len(tok)
+        input_ids[b, :n] = tok
+        position_ids[b, 0, :n], position_ids[b, 1, :n] = pos, blk
+        position_ids[b, :, n:] = position_ids[b, :, n - 1 : n]
+        Lc = groups[0][1]
+        mask[b, 0, :n, :Lc] = 1  # everything sees the context
+        for start, length in groups[1:]:
+            mask[b, 0, start : start + length, start : start + length] = np.tril(np.ones((length, length), np.int64))
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask,
+        "choice_ids": [r[4] for r in rows],
+        "choice_indices": [r[5] for r in rows],
+    }

@@ -311,6 +311,35 @@ def test_multiple_choice_scores_are_summed_log_probs(models):
     assert_close(padded.logits, want, name="padded choice arrays")
 
 
+def test_cloze_scoring_layout_scores_each_choice_alone(models):
+    """multiple_choice_layout packs the choices block-diagonally: each score equals that choice scored alone
+    (sep form, teacher-forced) by the LM."""
+    from lmzoo.glm import GLMForMultipleChoice
+    from lmzoo.glm_infill import multiple_choice_layout
+
+    base = models("glm-blank")
+    mc = GLMForMultipleChoice(base.config, base.params)
+    contexts = [[258, 40, 41, 259, 42, 255], [258, 50, 259, 51, 52, 53, 255]]
+    choices = [[[10, 11], [12], [13, 14, 15]], [[20], [21, 22]]]
+    lay = multiple_choice_layout(contexts, choices, mask_ids=[259, 263, 262], sop_id=256)
+    assert lay["input_ids"].shape == (2, 6 + 2 + 1 + 3)
+    assert list(lay["position_ids"][0, 0, 6:]) == [3] * 6 and list(lay["position_ids"][0, 1, 6:]) == [1, 2, 1, 1, 2, 3]
+    scores = np.asarray(mc(**lay).logits)
+    T = 12  # score each choice alone at one padded length (the causal tail is invisible)
+    for b, (ctx, chs) in enumerate(zip(contexts, choices)):
+        blank = ctx.index(259)
+        for j, c in enumerate(chs):
+            ids = ctx + [256] + c[:-1]
+            n = len(ids)
+            pos = list(range(len(ctx))) + [blank] * len(c) + [0] * (T - n)
+            blk = [0] * len(ctx) + list(range(1, len(c) + 1)) + [0] * (T - n)
+            logits = base(input_ids=np.array([ids + [255] * (T - n)]), position_ids=np.array([[pos, blk]]), attention_mask=np.array([len(ctx)])).logits
+            logp = jax.nn.log_softmax(np.asarray(logits, np.float64)[0], axis=-1)
+            want = sum(logp[len(ctx) + k, t] for k, t in enumerate(c))
+            assert_close(scores[b, j], want, name=f"row {b} choice {j}")
+    assert scores[1, 2] == 0.0  # a missing third choice of row 1 scores 0 (padding)
+
+
 def test_sequence_classification_head(models, tmp_path):
     from lmzoo.glm import GLMForSequenceClassification
 
