@@ -396,6 +396,8 @@ class BartModule(nn.Module):
         n, t = x.shape[:2]
         mask = jnp.ones((n, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
         if not c.is_lsg:
+            if t > c.max_position_embeddings:
+                raise ValueError(f"input of {t} tokens exceeds max_position_embeddings={c.max_position_embeddings}")
             return self.encoder(x, mask), attention_mask
         if c.mask_first_token:
             mask = mask.at[:, 0].set(0)
