@@ -75,11 +75,10 @@ def main(argv=None) -> int:
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
-    # LongLM's README samples with top_p=0.9; the seed makes it reproducible
-    # one blank per prompt: the other sentinels are not wanted in the answer
+    # beam search as LongLM's LOT evaluation; one blank per prompt, so no other sentinel is wanted
     sentinel = tok.vocab.sentinel(1)
     others = [[s] for s in tok.vocab.sentinels if s != sentinel]
-    gen = model.generate(ids, attention_mask=mask, max_length=40, do_sample=True, top_p=0.9, seed=0, bad_words_ids=others,
+    gen = model.generate(ids, attention_mask=mask, max_length=40, num_beams=4, no_repeat_ngram_size=3, bad_words_ids=others,
                          decoder_start_token_id=model.config.decoder_start_token_id, eos_token_id=tok.vocab.eos)
     for (kind, text), row in zip(PROMPTS, gen):
         body = [int(t) for t in row[1:] if t != sentinel]  # targets open with <extra_id_1>

@@ -242,13 +242,34 @@ def test_existing_checkpoints_need_resume(reference_run):
 
 
 # ---- loss falls ---------------------------------------------------------------------------------------
-def test_tiny_longlm_loss_falls(tmp_path):
+def test_tiny_longlm_loss_falls_in_bf16_with_z_loss(tmp_path):
     cfg = tiny_cfg(tmp_path / "fall", **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "loop.steps": 40, "loop.log_every": 5, "loop.save_every": 0,
-                                         "optim.lr": 1e-2, "optim.warmup_steps": 5})
+                                         "optim.lr": 1e-2, "optim.warmup_steps": 5, "model.dtype": "bfloat16", "loop.z_loss": 1e-4})
     res = run(cfg, devices=jax.devices()[:1])
     losses = _losses(tmp_path / "fall")
     assert res.status == "done"
     assert losses[40] < 0.8 * losses[5], losses
+    rows = [json.loads(l) for l in open(tmp_path / "fall" / "metrics.jsonl")]
+    assert all(r["loss"] > r["nll"] for r in rows)  # the z-loss term is in the loss, not in the nll
+    import lmzoo
+
+    model = lmzoo.from_pretrained(tmp_path / "fall" / "model")
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(model.params))  # float32 params, bf16 compute
+
+
+def test_adafactor_state_is_placed():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = build_model(C.ModelSection(family="t5", config=TINY_T5), mesh)
+    obj = make_objective("longlm", load_tokenizer(SPIECE).vocab, C.DataSection(batch_size=8, seq_len=32, target_len=16))
+    tr = Trainer(model, obj, C.OptimSection(name="adafactor", lr=1e-2), mesh, total_steps=10)
+    state = tr.init_state(model.params)
+    for leaf, sh in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(tr.state_shardings["opt_state"])):
+        assert leaf.sharding == sh
+    # a full-size second moment follows its param; factored rows / columns (and their placeholders) are replicated
+    fs = state["opt_state"][1][0]
+    v = fs.v["encoder"]["block_0"]["mlp"]["wi"]["kernel"]  # dims < 128 are not factored
+    assert v.shape == (32, 64) and {s.data.shape for s in v.addressable_shards} == {(16, 32)}
+    assert fs.v_row["encoder"]["block_0"]["mlp"]["wi"]["kernel"].sharding.is_fully_replicated
 
 
 # ---- loader and config --------------------------------------------------------------------------------
