@@ -13,13 +13,16 @@ compute the same thing: softmax attention of every query over
 all under one softmax. Neither implementation ever builds an Lq x Lk score, mask or bias array: the
 kernel keeps an online softmax per query block, the reference gathers each query block's visited key
 blocks. Forward and backward of the kernel are Pallas kernels (`jax.custom_vjp`: one kernel for dq and
-the bias-table gradient, one per key stream for dk/dv). See docs/kernels.md for the conventions.
+the bias-table gradient, one per key stream for dk/dv). The kernels lower to Triton (GPU) and Mosaic
+(TPU); on TPU, block sizes Mosaic cannot tile fall back to the reference. See docs/kernels.md for the
+conventions and what has been checked on which backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -312,12 +315,17 @@ def _prepare(q, k, v, layout, *, scale, causal, q_offset, prefix_len, kv_lengths
     if interpret is None:
         interpret = backend not in ("gpu", "tpu")
     triton = backend == "gpu" and not interpret
+    mosaic = backend == "tpu" and not interpret
     if triton and any(x < 16 or x & (x - 1) for x in (bq, bk, d)):
         raise ValueError(f"the Triton kernel needs block_q, block_k and head_dim to be powers of two "
                          f">= 16; got {bq}, {bk}, {d}")
 
-    def seg_block(n: int) -> int:  # rows of an extra-key block: Triton tiles are powers of two >= 16
-        return max(16, 1 << (n - 1).bit_length()) if triton else _round_up(n, 8)
+    def seg_block(n: int) -> int:
+        """Rows of an extra-key block: Triton tiles are powers of two >= 16; Mosaic wants whole
+        sublane tiles (16 rows covers f32 and bf16)."""
+        if triton:
+            return max(16, 1 << (n - 1).bit_length())
+        return _round_up(n, 16 if mosaic else 8)
 
     if layout.num_q_blocks != nq or layout.num_k_blocks != nk:
         raise ValueError(f"layout has {layout.num_q_blocks}x{layout.num_k_blocks} blocks, inputs need "
@@ -587,11 +595,56 @@ def _seq_spec(st: _Static, block: Optional[int], length: int, index):
     return pl.BlockSpec((None, rows, None, d), lambda b, h, i: (b, index(b, h, i), h, 0))
 
 
-def _row_spec(block: int, heads: int):
-    """BlockSpec of a [B, Hm, L] per-key array, one block row per program."""
-    if heads > 1:
-        return lambda index: pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, index(b, h, i)))
-    return lambda index: pl.BlockSpec((None, None, block), lambda b, h, i: (b, 0, index(b, h, i)))
+# Small per-row operands are laid out so that every block's last two dims are whole or tile-aligned
+# (Mosaic's (8, 128) rule) and so that the kernel never slices the lane dim dynamically:
+#   * per-query values (softmax statistics, delta, query segment ids) are columns [..., Lq, 1]: a query
+#     block is a [block_q, 1] slice along the sublane dim, already in the broadcast shape of a score tile;
+#   * per-key values (key masks, key segment ids) are [..., num_blocks, 1, block_k]: one [1, block_k]
+#     row per key block, picked by an index on a leading dim.
+# Interpret mode and Triton use the same layout, so the CPU tests run the TPU kernels' indexing.
+
+
+def _key_rows(x, block: int):
+    """A per-key array [..., L] as [..., L / block, 1, block]."""
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // block, 1, block))
+
+
+def _mask_spec(stream: "_Stream", per_block: bool):
+    """BlockSpec of a stream's key mask [B, Hm, nk, 1, bk]: all of the row's blocks, or (per_block) the
+    program's key block."""
+    nk, bk = stream.layout.num_k_blocks, stream.layout.block_k
+    if per_block:
+        if stream.mask_heads > 1:
+            return pl.BlockSpec((None, None, None, 1, bk), lambda b, h, i: (b, h, i, 0, 0))
+        return pl.BlockSpec((None, None, None, 1, bk), lambda b, h, i: (b, 0, i, 0, 0))
+    if stream.mask_heads > 1:
+        return pl.BlockSpec((None, None, nk, 1, bk), lambda b, h, i: (b, h, 0, 0, 0))
+    return pl.BlockSpec((None, None, nk, 1, bk), lambda b, h, i: (b, 0, 0, 0, 0))
+
+
+def _col_spec(rows: int, per_block: bool, heads: bool = True):
+    """BlockSpec of a per-query column [B, H, Lq, 1] (heads) or [B, Lq, 1]: `rows` rows at the
+    program's query block, or the whole column."""
+    if heads:
+        return pl.BlockSpec((None, None, rows, 1),
+                            (lambda b, h, i: (b, h, i, 0)) if per_block else (lambda b, h, i: (b, h, 0, 0)))
+    return pl.BlockSpec((None, rows, 1),
+                        (lambda b, h, i: (b, i, 0)) if per_block else (lambda b, h, i: (b, 0, 0)))
+
+
+def _segment_inputs(st: "_Static", arrays, per_q_block: bool):
+    """(specs, args) of the query / key segment ids, for a program per query block (per_q_block) or per
+    main key block."""
+    lay = st.layout
+    bq, bk, nk = lay.block_q, lay.block_k, lay.num_k_blocks
+    qs, ks = arrays["q_segment_ids"][..., None], _key_rows(arrays["kv_segment_ids"], bk)
+    if per_q_block:
+        specs = [_col_spec(bq, True, heads=False),
+                 pl.BlockSpec((None, nk, 1, bk), lambda b, h, i: (b, 0, 0, 0))]
+    else:
+        specs = [_col_spec(lay.num_q_blocks * bq, False, heads=False),
+                 pl.BlockSpec((None, None, 1, bk), lambda b, h, i: (b, i, 0, 0))]
+    return specs, [qs, ks]
 
 
 def _small_spec(st: _Static):
@@ -615,9 +668,10 @@ def _compiler_params(st: _Static):
     return None
 
 
-def _q_positions(st, refs, b, first_row, rows):
-    qpos = refs["q_offset"][b] + first_row + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-    return qpos
+def _q_positions(refs, b, first_row, rows):
+    """(positions [rows, 1] of `rows` consecutive queries from `first_row`, the first one as a scalar)."""
+    q_lo = refs["q_offset"][b] + first_row
+    return q_lo + lax.broadcasted_iota(jnp.int32, (rows, 1), 0), q_lo
 
 
 class _Tile(NamedTuple):
@@ -628,9 +682,11 @@ class _Tile(NamedTuple):
     run_hi: Any
 
 
-def _tile(st: _Static, stream: _Stream, refs, b, h, q, k, kb, km, qpos, qseg, kseg) -> _Tile:
-    """qpos: [bq, 1] positions of the tile's queries (consecutive)."""
-    """Scores of one (query block, key block) tile with every mask and the bias applied in-kernel."""
+def _tile(st: _Static, stream: _Stream, refs, b, h, q, k, kb, km, qpos, q_lo, qseg, kseg) -> _Tile:
+    """Scores of one (query block, key block) tile with every mask and the bias applied in-kernel.
+
+    qpos: [bq, 1] positions of the tile's (consecutive) queries, q_lo the first as a scalar; km, kseg:
+    [1, bk] key mask / segment ids; qseg: [bq, 1]."""
     bk = stream.layout.block_k
     s = _dot(q, k, trans_b=True) * st.scale
     exists = km >= 0
@@ -649,7 +705,6 @@ def _tile(st: _Static, stream: _Stream, refs, b, h, q, k, kb, km, qpos, qseg, ks
             off, last = st.num_rel - st.lk, st.num_rel - 1
             rel = jnp.clip(kpos - qpos + off, 0, last)
             rows = q.shape[0]
-            q_lo = jnp.min(qpos)  # the first query's position (a reduction: Triton has no scalar slice)
             lo = jnp.clip(kb * bk - (q_lo + rows - 1) + off, 0, last)
             hi = jnp.clip(kb * bk + bk - 1 - q_lo + off, 0, last)
             run_of, run_start, run_bucket = refs["run_of"], refs["run_start"], refs["run_bucket"]
@@ -705,8 +760,8 @@ def _num_buckets_padded(st: _Static) -> int:
 
 
 def _forward_call(st: _Static, arrays):
-    """Runs the forward kernel: returns (out [q layout, padded], (row max, 1 / row sum) [B, H, Lqp] f32,
-    visits or None)."""
+    """Runs the forward kernel: returns (out [q layout, padded], (row max, 1 / row sum) as
+    [B, H, Lqp, 1] f32 columns, visits [B, H, nq] or None)."""
     lay = st.layout
     bq, nq = lay.block_q, lay.num_q_blocks
     lqp = nq * bq
@@ -720,36 +775,34 @@ def _forward_call(st: _Static, arrays):
     for s in streams:
         length = s.layout.num_k_blocks * s.layout.block_k
         names += [s.k, s.v, s.mask]
-        specs += [_seq_spec(st, None, length, lambda b, h, i: 0)] * 2
-        specs.append(_row_spec(length, s.mask_heads)(lambda b, h, i: 0))
-        args += [arrays[s.k], arrays[s.v], arrays[s.mask]]
+        specs += [_seq_spec(st, None, length, lambda b, h, i: 0)] * 2 + [_mask_spec(s, False)]
+        args += [arrays[s.k], arrays[s.v], _key_rows(arrays[s.mask], s.layout.block_k)]
     if st.has_segments:
         names += ["q_segment_ids", "kv_segment_ids"]
-        specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                  pl.BlockSpec((None, lay.num_k_blocks * lay.block_k), lambda b, h, i: (b, 0))]
-        args += [arrays["q_segment_ids"], arrays["kv_segment_ids"]]
+        seg_specs, seg_args = _segment_inputs(st, arrays, per_q_block=True)
+        specs += seg_specs
+        args += seg_args
     names += small_names
     specs += [small] * len(small_args)
     args += small_args
 
-    row = jax.ShapeDtypeStruct((st.batch, st.heads, lqp), jnp.float32)
-    row_spec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-    out_shape = [jax.ShapeDtypeStruct(arrays["q"].shape, arrays["q"].dtype), row, row]
-    out_specs = [_seq_spec(st, bq, lqp, lambda b, h, i: i), row_spec, row_spec]
+    col = jax.ShapeDtypeStruct((st.batch, st.heads, lqp, 1), jnp.float32)
+    out_shape = [jax.ShapeDtypeStruct(arrays["q"].shape, arrays["q"].dtype), col, col]
+    out_specs = [_seq_spec(st, bq, lqp, lambda b, h, i: i), _col_spec(bq, True), _col_spec(bq, True)]
     if st.debug:
-        out_shape.append(jax.ShapeDtypeStruct((st.batch, st.heads, nq), jnp.int32))
-        out_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, i: (b, h, i)))
+        out_shape.append(jax.ShapeDtypeStruct((st.batch, st.heads, nq, 1, 1), jnp.int32))
+        out_specs.append(pl.BlockSpec((None, None, None, 1, 1), lambda b, h, i: (b, h, i, 0, 0)))
 
     def kernel(*refs):
         r = _ref_dict(names, refs[:len(names)])
         o_ref, m_ref, inv_l_ref = refs[len(names):len(names) + 3]
         b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         q = r["q"][...]
-        qpos = _q_positions(st, r, b, i * bq, bq)
-        qseg = r["q_segment_ids"][...][:, None] if st.has_segments else None
+        qpos, q_lo = _q_positions(r, b, i * bq, bq)
+        qseg = r["q_segment_ids"][...] if st.has_segments else None
         d = q.shape[-1]
         carry = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-                 jnp.zeros((bq, d), jnp.float32), jnp.zeros((1,), jnp.int32))
+                 jnp.zeros((bq, d), jnp.float32), jnp.zeros((1, 1), jnp.int32))
         for j, s in enumerate(streams):
             bk = s.layout.block_k
             hl = _layout_head(s.layout, h)
@@ -761,10 +814,9 @@ def _forward_call(st: _Static, arrays):
                 start = pl.multiple_of(kb * bk, bk)
                 k = r[s.k][pl.ds(start, bk), :]
                 v = r[s.v][pl.ds(start, bk), :]
-                km = r[s.mask][pl.ds(start, bk)][None, :]
-                kseg = (r["kv_segment_ids"][pl.ds(start, bk)][None, :]
-                        if s.is_main and st.has_segments else None)
-                tile = _tile(st, s, r, b, h, q, k, kb, km, qpos, qseg, kseg)
+                km = r[s.mask][kb]
+                kseg = r["kv_segment_ids"][kb] if s.is_main and st.has_segments else None
+                tile = _tile(st, s, r, b, h, q, k, kb, km, qpos, q_lo, qseg, kseg)
                 m_new = jnp.maximum(m, jnp.max(tile.logits, axis=1, keepdims=True))
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 alpha = jnp.exp(m - m_safe)
@@ -779,8 +831,8 @@ def _forward_call(st: _Static, arrays):
         # finfo.min, m + log(l) would round back to m.
         inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
         o_ref[...] = (acc * inv_l).astype(o_ref.dtype)
-        m_ref[...] = jnp.where(m == -jnp.inf, 0.0, m)[:, 0]
-        inv_l_ref[...] = inv_l[:, 0]
+        m_ref[...] = jnp.where(m == -jnp.inf, 0.0, m)
+        inv_l_ref[...] = inv_l
         if st.debug:
             refs[len(names) + 3][...] = visits
 
@@ -788,7 +840,7 @@ def _forward_call(st: _Static, arrays):
         kernel, grid=(st.batch, st.heads, nq), in_specs=specs, out_specs=out_specs,
         out_shape=out_shape, interpret=st.interpret, compiler_params=_compiler_params(st),
         name="block_sparse_attention_fwd")(*args)
-    return outs[0], (outs[1], outs[2]), (outs[3] if st.debug else None)
+    return outs[0], (outs[1], outs[2]), (outs[3].reshape(st.batch, st.heads, nq) if st.debug else None)
 
 
 def _dq_call(st: _Static, arrays, do, stats, delta):
@@ -801,20 +853,19 @@ def _dq_call(st: _Static, arrays, do, stats, delta):
 
     names = ["q", "do", "m", "inv_l", "delta"]
     qspec = _seq_spec(st, bq, lqp, lambda b, h, i: i)
-    rowspec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-    specs = [qspec, qspec, rowspec, rowspec, rowspec]
+    colspec = _col_spec(bq, True)
+    specs = [qspec, qspec, colspec, colspec, colspec]
     args = [arrays["q"], do, stats[0], stats[1], delta]
     for s in streams:
         length = s.layout.num_k_blocks * s.layout.block_k
         names += [s.k, s.v, s.mask]
-        specs += [_seq_spec(st, None, length, lambda b, h, i: 0)] * 2
-        specs.append(_row_spec(length, s.mask_heads)(lambda b, h, i: 0))
-        args += [arrays[s.k], arrays[s.v], arrays[s.mask]]
+        specs += [_seq_spec(st, None, length, lambda b, h, i: 0)] * 2 + [_mask_spec(s, False)]
+        args += [arrays[s.k], arrays[s.v], _key_rows(arrays[s.mask], s.layout.block_k)]
     if st.has_segments:
         names += ["q_segment_ids", "kv_segment_ids"]
-        specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                  pl.BlockSpec((None, lay.num_k_blocks * lay.block_k), lambda b, h, i: (b, 0))]
-        args += [arrays["q_segment_ids"], arrays["kv_segment_ids"]]
+        seg_specs, seg_args = _segment_inputs(st, arrays, per_q_block=True)
+        specs += seg_specs
+        args += seg_args
     names += small_names
     specs += [_small_spec(st)] * len(small_args)
     args += small_args
@@ -825,10 +876,9 @@ def _dq_call(st: _Static, arrays, do, stats, delta):
         dq_ref, dtab_ref = refs[len(names)], refs[len(names) + 1]
         b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         q, do_ = r["q"][...], r["do"][...]
-        m_, inv_l_ = r["m"][...][:, None], r["inv_l"][...][:, None]
-        delta_ = r["delta"][...][:, None]
-        qpos = _q_positions(st, r, b, i * bq, bq)
-        qseg = r["q_segment_ids"][...][:, None] if st.has_segments else None
+        m_, inv_l_, delta_ = r["m"][...], r["inv_l"][...], r["delta"][...]
+        qpos, q_lo = _q_positions(r, b, i * bq, bq)
+        qseg = r["q_segment_ids"][...] if st.has_segments else None
         bucket_ids = lax.broadcasted_iota(jnp.int32, (1, nbp), 1)
         carry = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((1, nbp), jnp.float32))
         for j, s in enumerate(streams):
@@ -842,10 +892,9 @@ def _dq_call(st: _Static, arrays, do, stats, delta):
                 start = pl.multiple_of(kb * bk, bk)
                 k = r[s.k][pl.ds(start, bk), :]
                 v = r[s.v][pl.ds(start, bk), :]
-                km = r[s.mask][pl.ds(start, bk)][None, :]
-                kseg = (r["kv_segment_ids"][pl.ds(start, bk)][None, :]
-                        if s.is_main and st.has_segments else None)
-                tile = _tile(st, s, r, b, h, q, k, kb, km, qpos, qseg, kseg)
+                km = r[s.mask][kb]
+                kseg = r["kv_segment_ids"][kb] if s.is_main and st.has_segments else None
+                tile = _tile(st, s, r, b, h, q, k, kb, km, qpos, q_lo, qseg, kseg)
                 p = jnp.where(tile.keep, jnp.exp(tile.logits - m_) * inv_l_, 0.0)
                 dp = _dot(do_, v, trans_b=True)
                 ds = p * (dp - delta_)
@@ -855,7 +904,8 @@ def _dq_call(st: _Static, arrays, do, stats, delta):
 
                     def collect(rr, dtab):
                         inside = (tile.rel >= run_start[rr]) & (tile.rel < run_start[rr + 1])
-                        g = jnp.sum(jnp.where(inside, ds, 0.0))
+                        g = jnp.where(inside, ds, 0.0)  # reduced to [1, 1]: no vector-to-scalar step
+                        g = jnp.sum(jnp.sum(g, axis=1, keepdims=True), axis=0, keepdims=True)
                         return dtab + jnp.where(bucket_ids == run_bucket[rr], g, 0.0)
 
                     dtab = lax.fori_loop(tile.run_lo, tile.run_hi + 1, collect, dtab)
@@ -885,18 +935,17 @@ def _dkv_call(st: _Static, arrays, stream: _Stream, do, stats, delta):
     small_names, small_args = _kernel_args(st, arrays, [tlay])
 
     full_q = _seq_spec(st, None, lqp, lambda b, h, i: 0)
-    full_row = pl.BlockSpec((None, None, lqp), lambda b, h, i: (b, h, 0))
+    full_col = _col_spec(lqp, False)
     kspec = _seq_spec(st, bk, nk * bk, lambda b, h, i: i)
     names = ["q", "do", "m", "inv_l", "delta", "k", "v", "mask"]
-    specs = [full_q, full_q, full_row, full_row, full_row, kspec, kspec,
-             _row_spec(bk, stream.mask_heads)(lambda b, h, i: i)]
+    specs = [full_q, full_q, full_col, full_col, full_col, kspec, kspec, _mask_spec(stream, True)]
     args = [arrays["q"], do, stats[0], stats[1], delta, arrays[stream.k], arrays[stream.v],
-            arrays[stream.mask]]
+            _key_rows(arrays[stream.mask], bk)]
     if stream.is_main and st.has_segments:
         names += ["q_segment_ids", "kv_segment_ids"]
-        specs += [pl.BlockSpec((None, lqp), lambda b, h, i: (b, 0)),
-                  pl.BlockSpec((None, bk), lambda b, h, i: (b, i))]
-        args += [arrays["q_segment_ids"], arrays["kv_segment_ids"]]
+        seg_specs, seg_args = _segment_inputs(st, arrays, per_q_block=False)
+        specs += seg_specs
+        args += seg_args
     names += small_names
     specs += [_small_spec(st)] * len(small_args)
     args += small_args
@@ -906,8 +955,8 @@ def _dkv_call(st: _Static, arrays, stream: _Stream, do, stats, delta):
         dk_ref, dv_ref = refs[len(names)], refs[len(names) + 1]
         b, h, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         k, v = r["k"][...], r["v"][...]
-        km = r["mask"][...][None, :]
-        kseg = r["kv_segment_ids"][...][None, :] if stream.is_main and st.has_segments else None
+        km = r["mask"][...]
+        kseg = r["kv_segment_ids"][...] if stream.is_main and st.has_segments else None
         hl = _layout_head(tlay, h)
 
         def body(t, carry):
@@ -916,13 +965,13 @@ def _dkv_call(st: _Static, arrays, stream: _Stream, do, stats, delta):
             start = pl.multiple_of(qi * bq, bq)
             q = r["q"][pl.ds(start, bq), :]
             do_ = r["do"][pl.ds(start, bq), :]
-            m_ = r["m"][pl.ds(start, bq)][:, None]
-            inv_l_ = r["inv_l"][pl.ds(start, bq)][:, None]
-            delta_ = r["delta"][pl.ds(start, bq)][:, None]
-            qpos = _q_positions(st, r, b, start, bq)
-            qseg = (r["q_segment_ids"][pl.ds(start, bq)][:, None]
+            m_ = r["m"][pl.ds(start, bq), :]
+            inv_l_ = r["inv_l"][pl.ds(start, bq), :]
+            delta_ = r["delta"][pl.ds(start, bq), :]
+            qpos, q_lo = _q_positions(r, b, start, bq)
+            qseg = (r["q_segment_ids"][pl.ds(start, bq), :]
                     if stream.is_main and st.has_segments else None)
-            tile = _tile(st, stream, r, b, h, q, k, kb, km, qpos, qseg, kseg)
+            tile = _tile(st, stream, r, b, h, q, k, kb, km, qpos, q_lo, qseg, kseg)
             p = jnp.where(tile.keep, jnp.exp(tile.logits - m_) * inv_l_, 0.0)
             dv = dv + _dot(p.astype(do_.dtype), do_, trans_a=True)
             dp = _dot(do_, v, trans_b=True)
@@ -964,7 +1013,7 @@ def _attention_bwd(st, res, g):
     diff, rest, out, stats = res
     arrays = {**diff, **rest}
     spec = st.qkv_layout
-    delta = jnp.einsum(f"{spec},{spec}->bhl", out.astype(jnp.float32), g.astype(jnp.float32))
+    delta = jnp.einsum(f"{spec},{spec}->bhl", out.astype(jnp.float32), g.astype(jnp.float32))[..., None]
     do = g.astype(arrays["q"].dtype)
     dq, dtab = _dq_call(st, arrays, do, stats, delta)
     grads = {"q": dq}
@@ -980,6 +1029,34 @@ def _attention_bwd(st, res, g):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _sublane_rows(dtype) -> int:
+    """Rows of one Mosaic sublane tile: 8 for 32-bit dtypes, 16 for 16-bit ones."""
+    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def _mosaic_plan(layout: BlockLayout, q_dtype, k_dtype):
+    """(the layout the Mosaic kernel runs, None), or (None, why the TPU path falls back).
+
+    Mosaic tiles the last two dims of every block by (sublanes, 128 lanes) unless the block spans the
+    whole dim. The kernels slice q/k/v blocks of block_q / block_k rows, so each must be a multiple of
+    the sublane tile of its dtype, unless there is a single block: then it is padded up (the extra rows
+    are padding, cropped or masked like any other), e.g. a 1-query decoding step becomes 16 rows.
+    """
+    bq, bk = layout.block_q, layout.block_k
+    rq, rk = _sublane_rows(q_dtype), _sublane_rows(k_dtype)
+    if layout.num_q_blocks == 1:
+        bq = _round_up(bq, rq)
+    if layout.num_k_blocks == 1:
+        bk = _round_up(bk, rk)
+    if bq % rq or bk % rk:
+        return None, (f"the Mosaic TPU kernel needs block_q and block_k to be multiples of the sublane "
+                      f"tile ({rq} rows for {jnp.dtype(q_dtype).name}, {rk} for "
+                      f"{jnp.dtype(k_dtype).name}) when there are several blocks; got {bq}, {bk}")
+    if (bq, bk) != (layout.block_q, layout.block_k):
+        layout = BlockLayout(layout.indices, layout.counts, bq, bk, layout.num_k_blocks)
+    return layout, None
 
 
 def _split(arrays):
@@ -1017,15 +1094,26 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float = 1.0, 
     debug: also return int32 [B, H, num_q_blocks]: main-layout key blocks each program visited
       (forward only, not differentiable).
     Returns the output in q's layout and dtype.
+
+    On TPU (Mosaic) a layout dimension with a single block is padded to whole sublane tiles (8 rows for
+    32-bit, 16 for 16-bit dtypes; e.g. Lq = 1 decoding runs a 16-row query block). block_q / block_k
+    that are not such multiples while the dimension has several blocks cannot be tiled by Mosaic: the
+    call then warns and runs `block_sparse_attention_reference` (same result, XLA).
     """
-    st, arrays = _prepare(q, k, v, layout, scale=scale, causal=causal, q_offset=q_offset,
-                          prefix_len=prefix_len, kv_lengths=kv_lengths, key_mask=key_mask,
-                          q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                          bias_table=bias_table, bias_buckets=bias_buckets, extra_k=extra_k,
-                          extra_v=extra_v, extra_mask=extra_mask, block_extra_k=block_extra_k,
-                          block_extra_v=block_extra_v, block_extra_mask=block_extra_mask,
-                          mask_value=mask_value, qkv_layout=qkv_layout, interpret=interpret,
-                          debug=debug)
+    kwargs = dict(scale=scale, causal=causal, q_offset=q_offset, prefix_len=prefix_len,
+                  kv_lengths=kv_lengths, key_mask=key_mask, q_segment_ids=q_segment_ids,
+                  kv_segment_ids=kv_segment_ids, bias_table=bias_table, bias_buckets=bias_buckets,
+                  extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, block_extra_k=block_extra_k,
+                  block_extra_v=block_extra_v, block_extra_mask=block_extra_mask, mask_value=mask_value,
+                  qkv_layout=qkv_layout, debug=debug)
+    if jax.default_backend() == "tpu" and not interpret and isinstance(layout, BlockLayout):
+        tpu_layout, why = _mosaic_plan(layout, q.dtype, k.dtype)
+        if tpu_layout is None:
+            warnings.warn(f"block_sparse_attention: {why}; running block_sparse_attention_reference",
+                          stacklevel=2)
+            return block_sparse_attention_reference(q, k, v, layout, **kwargs)
+        layout = tpu_layout
+    st, arrays = _prepare(q, k, v, layout, interpret=interpret, **kwargs)
     to_bhld = st.backend == "tpu" and not st.interpret and st.qkv_layout == "blhd"
     if to_bhld:  # Mosaic TPU tiles the last two dims: give it [.., L, D] blocks
         arrays = {n: (jnp.swapaxes(x, 1, 2) if n in _DIFF_NAMES and n != "bias_table" else x)

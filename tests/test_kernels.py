@@ -234,7 +234,7 @@ def test_kernel_matches_reference_and_dense_f32(name):
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["t5_encoder", "lsg"])
+@pytest.mark.parametrize("name", ["lsg"])  # bf16 handling is shared by every case; lsg has all streams
 def test_kernel_bf16_close_to_f32_dense(name):
     q, k, v, layout, kw, diff_names = make_case(name, dtype=jnp.bfloat16)
     cot = _normal(jax.random.PRNGKey(7), q.shape)
@@ -311,33 +311,128 @@ def test_16k_lsg_forward_and_backward_have_no_quadratic_buffer():
             assert mem.temp_size_in_bytes < t * t  # well under one L x L array of any dtype
 
 
-def test_triton_path_lowers_for_gpu(monkeypatch):
-    """The GPU path (forward, dq and dk/dv kernels) lowers to Triton IR; compiling it needs a GPU."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    t, h, d, nb = 256, 2, 32, 4
-    layout = bsa.prefix_layout(t, t, 32, 32, max_prefix=64)
-    table = jnp.zeros((32, h))
-    buckets = jnp.clip(jnp.asarray(bsa.relative_positions(t, t)) + 16, 0, 31)
+# ----------------------------------------------------------------------------------------------------
+# Compiled paths: lowering for TPU (Mosaic) and GPU (Triton) from a CPU machine
+# ----------------------------------------------------------------------------------------------------
 
-    def fwd(q, k, v, gk, gv, sk, sv):
-        seg = jnp.zeros((1, t), jnp.int32)
-        return bsa.block_sparse_attention(
-            q, k, v, layout, scale=0.1, causal=True, prefix_len=jnp.array([40]),
-            key_mask=jnp.ones((1, t), bool), q_segment_ids=seg, kv_segment_ids=seg, bias_table=table,
-            bias_buckets=buckets, extra_k=gk, extra_v=gv, block_extra_k=sk, block_extra_v=sv,
-            qkv_layout="blhd")
 
-    def loss(*args):
-        return jnp.sum(fwd(*args).astype(jnp.float32))
+def lowering_case(name, platform):
+    """(fn, abstract args, differentiable argnums) of a model-shaped call: bf16, D = 64, 128-blocks."""
+    b, h, d, bf16 = 1, 2, 64, jnp.bfloat16
 
-    x = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
-    e = jax.ShapeDtypeStruct((1, 24, h, d), jnp.bfloat16)
-    be = jax.ShapeDtypeStruct((1, nb, 8, h, d), jnp.bfloat16)
-    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    for f in (fwd, jax.grad(loss, argnums=tuple(range(7)))):
-        exported = jax.export.export(jax.jit(f), platforms=("cuda",), disabled_checks=[triton])(
-            x, x, x, e, e, be, be)
-        assert "xla.gpu.triton" in exported.mlir_module()
+    def sds(*shape, dtype=bf16):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    if name == "t5_dense":  # encoder: bias table, key mask, additive masking, [B, L, H, D]
+        t = 256
+        layout = bsa.dense_layout(t, t, 128, 128)
+        buckets = t5_bucket(jnp.asarray(bsa.relative_positions(t, t)), True, 32, 128)
+
+        def fn(q, k, v, table, mask):
+            return bsa.block_sparse_attention(q, k, v, layout, key_mask=mask, bias_table=table,
+                                              bias_buckets=buckets, mask_value=F32_MIN,
+                                              qkv_layout="blhd")
+
+        return fn, (sds(b, t, h, d), sds(b, t, h, d), sds(b, t, h, d), sds(32, h, dtype=jnp.float32),
+                    sds(b, t, dtype=jnp.bool_)), (0, 1, 2, 3)
+    if name == "t5_decode":  # one query over a KV cache: traced offset, causal, bias, cache length
+        lk = 256
+        # block_q = 1 on TPU exercises the padding to a whole sublane tile; Triton needs >= 16
+        layout = bsa.dense_layout(1, lk, 1 if platform == "tpu" else 16, 128)
+        buckets = t5_bucket(jnp.asarray(bsa.relative_positions(1, lk, lk)), False, 32, 128)
+
+        def fn(q, k, v, table, pos):
+            return bsa.block_sparse_attention(q, k, v, layout, causal=True, q_offset=pos,
+                                              kv_lengths=pos + 1, bias_table=table, bias_buckets=buckets,
+                                              qkv_layout="blhd")
+
+        return fn, (sds(b, 1, h, d), sds(b, lk, h, d), sds(b, lk, h, d), sds(32, h, dtype=jnp.float32),
+                    sds(b, dtype=jnp.int32)), (0, 1, 2, 3)
+    if name == "glm_prefix":  # prefix layout and rule, packed segments, [B, H, L, D]
+        t = 256
+        layout = bsa.prefix_layout(t, t, 64, 64, max_prefix=100)
+
+        def fn(q, k, v, prefix, seg):
+            return bsa.block_sparse_attention(q, k, v, layout, scale=d ** -0.5, causal=True,
+                                              prefix_len=prefix, q_segment_ids=seg, kv_segment_ids=seg)
+
+        return fn, (sds(b, h, t, d), sds(b, h, t, d), sds(b, h, t, d), sds(b, dtype=jnp.int32),
+                    sds(b, t, dtype=jnp.int32)), (0, 1, 2)
+    if name == "lsg":  # LSG band + masked globals (extra keys) + per-head-masked sparse keys
+        t, blk, g, s = 512, 128, 4, 24
+        nb = t // blk
+
+        def fn(q, k, v, gk, gv, sk, sv, mask, gmask, smask):
+            return bsa.block_sparse_attention(
+                q, k, v, bsa.lsg_layout(t, blk), scale=d ** -0.5, key_mask=mask, extra_k=gk,
+                extra_v=gv, extra_mask=gmask, block_extra_k=sk, block_extra_v=sv,
+                block_extra_mask=smask, qkv_layout="blhd")
+
+        x, e, be = sds(b, t, h, d), sds(b, g, h, d), sds(b, nb, s, h, d)
+        return fn, (x, x, x, e, e, be, be, sds(b, t, dtype=jnp.bool_), sds(b, g, dtype=jnp.bool_),
+                    sds(b, h, nb, s, dtype=jnp.bool_)), tuple(range(7))
+    raise KeyError(name)
+
+
+LOWERING_CASES = ["t5_dense", "t5_decode", "glm_prefix", "lsg"]
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("name", LOWERING_CASES)
+def test_kernels_lower_for_tpu_and_gpu(monkeypatch, name, platform):
+    """Forward, dq and every dk/dv kernel lower to Mosaic (TPU) / Triton (GPU) custom calls.
+
+    Exported from CPU, so this checks everything up to the backend compiler: Mosaic's block-shape
+    rules and the Pallas-to-Mosaic / Pallas-to-Triton lowering of every kernel body. Compiling and
+    running need the hardware."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if platform == "cuda" else "tpu")
+    fn, args, argnums = lowering_case(name, platform)
+
+    def loss(*a):
+        return jnp.sum(fn(*a).astype(jnp.float32))
+
+    target = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
+    checks = [] if platform == "tpu" else [
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    # the gradient's module holds the forward kernel (custom_vjp's fwd) and every backward kernel
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums)), platforms=(platform,),
+                                 disabled_checks=checks)(*args)
+    streams = 3 if name == "lsg" else 1
+    assert exported.mlir_module().count(target) == 2 + streams  # forward, dq, one dk/dv per stream
+    if name == "t5_dense":  # the debug forward (visited-block counts) lowers too
+        dbg = jax.export.export(
+            jax.jit(lambda q, k, v: bsa.block_sparse_attention(q, k, v, bsa.dense_layout(256, 256),
+                                                               debug=True)[1]),
+            platforms=(platform,), disabled_checks=checks)(*[jax.ShapeDtypeStruct((1, 2, 256, 64),
+                                                                                  jnp.bfloat16)] * 3)
+        assert dbg.mlir_module().count(target) == 1
+
+
+def test_tpu_plan_pads_single_blocks_and_falls_back_otherwise(monkeypatch):
+    """Mosaic needs whole sublane tiles: a single query block is padded (decoding), several blocks of
+    an untileable size run the reference instead."""
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    plan = bsa._mosaic_plan
+    decode = bsa.dense_layout(1, 40, 1, 16)  # one query: a single query block of 1 row
+    for dtype, rows in ((f32, 8), (bf16, 16)):
+        layout, why = plan(decode, dtype, dtype)
+        assert why is None and (layout.block_q, layout.block_k) == (rows, 16)
+        # the same blocks, one taller query block: its extra rows are padding like a ragged last block
+        np.testing.assert_array_equal(layout.block_mask(), decode.block_mask())
+    assert plan(bsa.dense_layout(256, 256), bf16, bf16) == (bsa.dense_layout(256, 256), None)
+    assert plan(bsa.dense_layout(16, 1, 16, 1), bf16, bf16)[0].block_k == 16  # one key: padded too
+    layout, why = plan(bsa.dense_layout(24, 24, 4, 8), f32, f32)  # 6 query blocks of 4 rows
+    assert layout is None and "multiples of the sublane tile" in why
+    assert plan(bsa.dense_layout(32, 32, 16, 8), bf16, bf16)[0] is None  # 8-row bf16 key blocks
+
+    # several 4-row query blocks: the TPU path warns and lowers the reference (no Mosaic call)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    layout = bsa.dense_layout(24, 24, 4, 8)
+    x = jax.ShapeDtypeStruct((1, 2, 24, 16), f32)
+    with pytest.warns(UserWarning, match="running block_sparse_attention_reference"):
+        lowered = jax.jit(lambda q, k, v: bsa.block_sparse_attention(q, k, v, layout)).trace(
+            x, x, x).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" not in lowered.as_text()
 
 
 # ----------------------------------------------------------------------------------------------------
