@@ -5,7 +5,7 @@ outside the project and pass its location, e.g.
 
     pip install --no-deps --target /tmp/ms modelscope==1.40.2 modelscope-hub
     pip install --target /tmp/ms-deps addict simplejson sortedcontainers python-dateutil einops rouge cryptography
-    python benchmarks/bench_palm.py --original /tmp/ms:/tmp/ms-deps [--threads 2] [--batches 1,4] [--gen-tokens 32]
+    python benchmarks/bench_palm.py --original /tmp/ms:/tmp/ms-deps [--threads 1] [--batches 1,4] [--gen-tokens 32]
 
 Both sides run the same random weights: the original builds a random PALM from a base-shaped folder
 (bert-base-chinese encoder, 12-layer 768-wide decoder, V 21128), its state_dict is saved, and lmzoo loads
@@ -44,7 +44,8 @@ BASE = dict(
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--original", default=None, help="path(s) (os.pathsep-separated) where modelscope==1.40.2 is installed")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="XLA intra-op threads (and torch's, unless --torch-threads)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads; on a busy machine 1 is often fastest")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--src", type=int, default=128, help="source length (the preprocessor pads to 128)")
     p.add_argument("--batches", default="1,4")
@@ -93,7 +94,7 @@ def main():
 
     import lmzoo
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads or args.threads)
     jax.config.update("jax_default_matmul_precision", "highest")
     shape = json.loads(json.dumps(BASE))
     if args.small:
@@ -120,10 +121,14 @@ def main():
         os.replace(os.path.join(folder + "-w", "pytorch_model.bin"), os.path.join(folder, "pytorch_model.bin"))
     model = lmzoo.from_pretrained(folder)
     results = {
-        "shape": shape, "beams": args.beams, "threads": args.threads, "src": args.src, "gen_tokens": args.gen_tokens,
+        "shape": shape, "beams": args.beams, "threads": args.threads, "torch_threads": args.torch_threads or args.threads, "src": args.src, "gen_tokens": args.gen_tokens,
         "device": jax.devices()[0].device_kind, "original": bool(orig is not None), "runs": [],
     }  # fmt: skip
-    print(f"lmzoo params: {model.num_params() / 1e6:.1f} M on {results['device']}; threads {args.threads}", flush=True)
+    print(
+        f"lmzoo params: {model.num_params() / 1e6:.1f} M on {results['device']}; XLA threads {args.threads}, "
+        f"torch threads {results['torch_threads']}",
+        flush=True,
+    )
     rng = np.random.default_rng(0)
     V, G = shape["bert"]["vocab_size"], args.gen_tokens
     for B in [int(b) for b in args.batches.split(",")]:

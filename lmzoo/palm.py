@@ -191,15 +191,11 @@ def read_vocab_ids(path: str, names=("[CLS]", "[SEP]", "[PAD]")) -> dict[str, in
     return ids
 
 
-def _encoder_dir(folder: str, encoder_pth: str) -> str:
-    return os.path.join(folder, encoder_pth)
-
-
 def load_palm_config(folder: str, hf: Mapping[str, Any], **runtime) -> PalmConfig:
     """config.json + ``<encoder_pth>/config.json`` + ``<encoder_pth>/vocab.txt`` (+ configuration.json, vocab.txt)."""
     kwargs = {k: hf[k] for k in PALM_FIELDS if k in hf}
     encoder_pth = str(hf.get("encoder_pth", PalmConfig.encoder_pth))
-    enc_dir = _encoder_dir(folder, encoder_pth)
+    enc_dir = os.path.join(folder, encoder_pth)
     enc_cfg = os.path.join(enc_dir, "config.json")
     if not os.path.exists(enc_cfg):
         raise ConfigError(
@@ -747,7 +743,7 @@ class PalmForTextGeneration(PretrainedModel):
         )
 
     # -- generation -------------------------------------------------------------------------------
-    def generate(self, input_ids, attention_mask=None, *, return_dict_in_generate=False, output_scores=None, **kwargs):
+    def generate(self, input_ids, attention_mask=None, *, return_dict_in_generate=False, **kwargs):
         """PALM's beam search with the shared kwargs, PALM meanings kept:
 
         * ``num_beams`` = beam_size (default config.beam_size); 1 is greedy decoding through the same code.
