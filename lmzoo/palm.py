@@ -44,6 +44,8 @@ __all__ = [
     "PalmOutput",
     "PalmGenerateOutput",
     "PalmForTextGeneration",
+    "PalmTokenizer",
+    "load_tokenizer",
     "sinusoid_table",
     "model_class",
 ]
@@ -909,6 +911,45 @@ class _RenamedStateDict(Mapping):
 
     def __len__(self):
         return len(self._names)
+
+
+class PalmTokenizer:
+    """The PALM pipeline's text side: BertTokenizer on the encoder folder's vocab.txt (lower-cased), inputs
+    ``[CLS] text [SEP]`` truncated to the preprocessor's ``sequence_length`` and padded, no token types;
+    ``decode`` removes the spaces between Chinese characters, as the ModelScope pipeline does."""
+
+    def __init__(self, tokenizer, sequence_length: int = 128):
+        self.tokenizer = tokenizer
+        self.sequence_length = sequence_length
+
+    def __call__(self, text, **kwargs):
+        kwargs.setdefault("padding", True)
+        kwargs.setdefault("truncation", True)
+        kwargs.setdefault("max_length", self.sequence_length)
+        kwargs.setdefault("return_token_type_ids", False)
+        kwargs.setdefault("return_tensors", "np")
+        return self.tokenizer(text, **kwargs)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        from .bert_tokenizer import join_cjk
+
+        return join_cjk(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def load_tokenizer(folder: str) -> PalmTokenizer:
+    """The tokenizer of a PALM folder (``<encoder_pth>/vocab.txt``; sequence_length from configuration.json)."""
+    from .bert_tokenizer import BertTokenizer
+
+    hf = read_json(os.path.join(folder, "config.json"))
+    enc_dir = os.path.join(folder, str(hf.get("encoder_pth", PalmConfig.encoder_pth)))
+    seq_len = 128
+    task = os.path.join(folder, "configuration.json")
+    if os.path.exists(task):
+        seq_len = int((read_json(task).get("preprocessor") or {}).get("sequence_length", seq_len))
+    return PalmTokenizer(BertTokenizer.from_pretrained(enc_dir, do_lower_case=True), seq_len)
 
 
 def model_class(hf_config) -> type[PretrainedModel]:

@@ -122,3 +122,16 @@ def test_bad_input_is_named(tmp_path, vocab_file):
         tok(["a", "a b"], return_tensors="np")
     with pytest.raises(ValueError, match="truncat"):
         tok("今天天气很好", "你好" * 3, truncation="only_second", max_length=4)
+
+
+def test_palm_folder_tokenizer_feeds_generate():
+    """``lmzoo.palm.load_tokenizer``: the pipeline's text side (what ``lmzoo generate --text`` uses)."""
+    from lmzoo.palm import load_tokenizer
+
+    tok = load_tokenizer(case_dir("palm-beam"))
+    assert tok.sequence_length == 128  # configuration.json's preprocessor
+    batch = tok(["一丁七万丈", "三上下不与丑专且丕世"])
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert batch["input_ids"].shape == (2, 12) and batch["input_ids"][0, 0] == 101 and batch["input_ids"][0, 6] == 102
+    assert batch["input_ids"][0, 7:].tolist() == [0] * 5 and batch["attention_mask"][0].sum() == 7
+    assert tok.decode([101, 106, 107, 108, 102, 0]) == "一丁丂"  # spaces between CJK removed, specials skipped
