@@ -55,7 +55,8 @@ def attend(
     prefix_len=None,
     bias_table=None,
     bucket_fn: Optional[Callable] = None,
-    mask_value: float = F32_MIN,
+    mask_value: Optional[float] = F32_MIN,
+    probs_fn: Optional[Callable] = None,
     dtype=jnp.float32,
 ):
     """Softmax attention of q [B,Lq,H,D] over k/v [B,Lk,H,D]; returns [B,Lq,H,D] in ``dtype``.
@@ -63,11 +64,18 @@ def attend(
     key_mask: [B, Lk] truthy = visible. causal: key j visible to query i iff j <= q_offset + i, or (with
     prefix_len [B]) j < prefix_len[b]. bias_table [num_buckets, H] with bucket_fn(rel int32 array) ->
     bucket ids adds ``bias_table[bucket_fn(j - (q_offset + i))]`` to the scores. q_offset is an int or a
-    traced int32 scalar (KV-cache decoding).
+    traced int32 scalar (KV-cache decoding). mask_value: a float is added to masked scores in the kernel
+    and replaces them in the XLA path (a fully masked row attends uniformly in both); None gives hard
+    masking in the kernel (such a row outputs 0) and the float32 minimum in the XLA path, the two agreeing
+    on every row with a visible key. probs_fn (XLA path only, e.g. attention dropout) maps the
+    probabilities [B,H,Lq,Lk] before they weight v; the kernel has none and refuses it.
     """
     B, Lq, H, _ = q.shape
     Lk = k.shape[1]
     if impl == "pallas":
+        if probs_fn is not None:
+            raise ValueError("attention_impl='pallas' has no attention-probability dropout; run deterministic, "
+                             "set the attention dropout to 0, or use attention_impl='xla'")
         from lmzoo.kernels.block_sparse_attention import block_sparse_attention, relative_positions
 
         bq, bk = kernel_block(Lq), kernel_block(Lk)
@@ -102,5 +110,14 @@ def attend(
     if key_mask is not None:
         km = key_mask[:, None, None, :].astype(bool)
         mask = km if mask is None else mask & km
-    out, _ = dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, dtype=dtype, mask_value=mask_value)
-    return out
+    if probs_fn is None:
+        out, _ = dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, dtype=dtype, mask_value=mask_value)
+        return out
+    qs = q.astype(dtype) * jnp.asarray(scale, dtype) if scale != 1.0 else q.astype(dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", qs, k.astype(dtype)).astype(jnp.float32)
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = jnp.where(mask, scores, F32_MIN if mask_value is None else mask_value)
+    probs = probs_fn(jax.nn.softmax(scores, axis=-1))
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))

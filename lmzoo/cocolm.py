@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import attend
 from .configuration import ConfigError, ModelConfig
 from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain
 from .modeling import PretrainedModel
@@ -34,6 +35,7 @@ __all__ = [
     "CocoLMModel",
     "relative_position_bucket",
     "relative_position_bucket_table",
+    "relative_position_bucket_vector",
     "model_class",
     "HEADS",
 ]
@@ -198,6 +200,17 @@ def relative_position_bucket_table(max_positions: int, num_buckets: int, max_dis
     return table
 
 
+@functools.lru_cache(maxsize=16)
+def relative_position_bucket_vector(max_positions: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """The same rows as :func:`relative_position_bucket_table` as an O(L) vector over distance:
+    ``table[i, j] == vector[j - i + max_positions - 1]`` (rel = key - query from -(P-1) to P-1)."""
+    P = max_positions
+    table = relative_position_bucket_table(P, num_buckets, max_distance)
+    vec = np.concatenate([table[::-1, 0], table[0, 1:]]).astype(np.int32)
+    vec.setflags(write=False)
+    return vec
+
+
 # ----------------------------------------------------------------------------------------------------
 # modules
 class DenseND(nn.Module):
@@ -273,9 +286,13 @@ class CocoLMEmbeddings(nn.Module):
 class CocoLMSelfAttention(nn.Module):
     """Fused q|k|v projection, q scaled by head_dim**-0.5 before the dot product, bias added unscaled.
 
-    Padded keys are excluded; a row whose keys are ALL padded gives NaN in the original (softmax of all
-    -inf), which it then zeroes after out_proj: here such a row's attention output is exactly 0 without
-    ever forming the NaN, so gradients stay finite.
+    The scores go through :func:`lmzoo.attention.attend` (``config.attention_impl``): the XLA reference,
+    or the Pallas kernel, which reads the relative bias from the [rel_pos_bins, heads] table and an O(T)
+    bucket vector and applies key padding in-kernel (no T x T array). Padded keys are excluded; a row
+    whose keys are ALL padded gives NaN in the original (softmax of all -inf), which it then zeroes after
+    out_proj: here such a row's output is exactly 0 after out_proj without ever forming the NaN, so
+    gradients stay finite (the kernel's hard masking gives the row 0 before out_proj, the XLA path a
+    uniform average; both are replaced by the zero after it).
     """
 
     config: CocoLMConfig
@@ -288,20 +305,18 @@ class CocoLMSelfAttention(nn.Module):
         self.out_proj = DenseND((c.hidden_size,), ("heads", "kv", "embed"), n_in=2, kernel_init=init, **_kw(c))
         self.dropout = nn.Dropout(c.attention_probs_dropout_prob)
 
-    def __call__(self, x, *, bias, key_valid, deterministic=True):
+    def __call__(self, x, *, bias_table, bucket_fn, key_valid, deterministic=True):
         c = self.config
         qkv = self.in_proj(x)  # [B,T,3,A,d]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q = q * jnp.asarray(c.head_dim**-0.5, q.dtype)
         q = constrain(q, ("batch", "length", "act_heads", "kv"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        if bias is not None:
-            scores = scores + bias
-        if key_valid is not None:
-            scores = jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = self.dropout(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(c.compute_dtype), v)
+        probs_fn = None
+        if not deterministic and c.attention_probs_dropout_prob > 0:
+            probs_fn = functools.partial(self.dropout, deterministic=False)
+        out = attend(
+            q, k, v, impl=c.attention_impl, scale=c.head_dim**-0.5, key_mask=key_valid, bias_table=bias_table,
+            bucket_fn=bucket_fn, mask_value=None, probs_fn=probs_fn, dtype=c.compute_dtype,
+        )
         out = self.out_proj(out)
         if key_valid is not None:
             out = jnp.where(jnp.any(key_valid, axis=-1)[:, None, None], out, jnp.zeros((), out.dtype))
@@ -327,9 +342,9 @@ class CocoLMLayer(nn.Module):
         self.dropout_attn = nn.Dropout(c.attention_probs_dropout_prob)
         self.dropout_out = nn.Dropout(c.hidden_dropout_prob)
 
-    def __call__(self, x, *, bias, key_valid, deterministic=True):
+    def __call__(self, x, *, bias_table, bucket_fn, key_valid, deterministic=True):
         c = self.config
-        a = self.self_attn(x, bias=bias, key_valid=key_valid, deterministic=deterministic)
+        a = self.self_attn(x, bias_table=bias_table, bucket_fn=bucket_fn, key_valid=key_valid, deterministic=deterministic)
         h = self.attention_LayerNorm(x + self.dropout_attn(a, deterministic=deterministic))
         f_in = h if c.layer_norm_type == "post" else self.LayerNorm(h)
         f = ACTIVATIONS[c.hidden_act](self.intermediate(f_in))
@@ -363,20 +378,21 @@ class CocoLMEncoder(nn.Module):
         if c.layer_norm_type in ("pre", "hybrid"):
             self.LayerNorm = _ln(c, eps=1e-5)
 
-    def position_bias(self, T: int) -> Optional[jax.Array]:
-        """[1, heads, T, T] float32 bias: the shared table read through the bucket table sliced to T."""
+    def bucket(self, rel):
+        """Bias-table row of ``rel = key_pos - query_pos`` (int array, numpy or jax): the signed COCO-LM
+        bucket plus the offset of the full ``max_position_embeddings`` table, as the original reads it."""
         c = self.config
-        if c.rel_pos_bins == 0:
-            return None
-        buckets = relative_position_bucket_table(c.max_position_embeddings, c.rel_pos_bins, c.max_rel_pos)[:T, :T]
-        bias = jnp.take(self.relative_attention_bias.astype(jnp.float32), jnp.asarray(buckets), axis=0)  # [T,T,A]
-        return jnp.transpose(bias, (2, 0, 1))[None]
+        vec = relative_position_bucket_vector(c.max_position_embeddings, c.rel_pos_bins, c.max_rel_pos)
+        P = c.max_position_embeddings
+        return jnp.take(jnp.asarray(vec), jnp.clip(jnp.asarray(rel, jnp.int32) + (P - 1), 0, 2 * P - 2), axis=0)
 
     def __call__(self, x, key_valid, *, deterministic=True):
-        bias = self.position_bias(x.shape[1])
+        c = self.config
+        table = self.relative_attention_bias if c.rel_pos_bins > 0 else None
+        bucket_fn = self.bucket if c.rel_pos_bins > 0 else None
         for layer in self.layers:
-            x = layer(x, bias=bias, key_valid=key_valid, deterministic=deterministic)
-        if self.config.layer_norm_type in ("pre", "hybrid"):
+            x = layer(x, bias_table=table, bucket_fn=bucket_fn, key_valid=key_valid, deterministic=deterministic)
+        if c.layer_norm_type in ("pre", "hybrid"):
             x = self.LayerNorm(x)
         return x
 
