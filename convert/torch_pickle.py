@@ -340,7 +340,7 @@ def flatten_state_dict(obj: Any, path: str = "<checkpoint>") -> dict[str, LazyTe
     if isinstance(obj, Mapping) and obj and all(isinstance(v, LazyTensor) for v in obj.values()):
         return dict(obj)
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "module", "model_state_dict"):
+        for key in ("state_dict", "model", "module", "model_state_dict", "palm"):
             if key in obj and isinstance(obj[key], Mapping):
                 return flatten_state_dict(obj[key], path)
         tensors = {k: v for k, v in obj.items() if isinstance(v, LazyTensor)}

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Decoding", "GenerationSettings", "generate", "resolve_settings", "compile_count"]
+__all__ = ["Decoding", "GenerationSettings", "generate", "search", "resolve_settings", "apply_processors", "dynamic_settings", "static_settings", "compile_count"]
 
 NEG_INF = -float("inf")
 
@@ -50,6 +50,14 @@ class Decoding:
     is_encoder_decoder: bool = True
     length_bucket: Optional[int] = 32
     pad_input_id: Optional[int] = None  # id used to pad inputs to the bucket (default: pad_token_id)
+    cache_bucket: Optional[int] = 64  # decoder positions are cached for max_length rounded up to this
+    beam_rules: str = "4.46"  # "4.33": beam length penalty counts the whole prompt (decoder-only models)
+
+    def prompt_offset(self, prompt_len: int) -> int:
+        """P in the beam length penalty ``sum_logprobs / (length - P)**lp`` (length = tokens incl. prompt)."""
+        if self.is_encoder_decoder or self.beam_rules == "4.33":
+            return 1  # transformers counts the decoder start token out / 4.33 counts hyp.shape[-1]
+        return prompt_len
 
 
 # kwargs generate() accepts, with transformers' meaning
@@ -190,7 +198,7 @@ def resolve_settings(defaults: dict, kwargs: dict, *, prompt_length: int, vocab_
 
 # ------------------------------------------------------------------------------------------------
 # logits processors (transformers order)
-def _process(scores, tokens, cur, s: GenerationSettings, dyn, *, log_probs: bool, n_keep: int):
+def apply_processors(scores, tokens, cur, s: GenerationSettings, dyn, *, n_keep: int = 1):
     """Apply the processors and (when sampling) warpers to scores [N, V] given tokens [N, S] with cur filled."""
     N, V = scores.shape
     S = tokens.shape[1]
@@ -266,6 +274,16 @@ def _isin(x, ids):
 
 
 # ------------------------------------------------------------------------------------------------
+def _initial_tokens(dec: Decoding, inputs, n: int, S: int, dyn):
+    """The token buffer [B*n, S] and the first free column: the start token, or the prompt (decoder-only)."""
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    if dec.is_encoder_decoder:
+        return jnp.full((B * n, S), dyn["pad"], jnp.int32).at[:, 0].set(dyn["start"]), 1
+    prompt = jnp.repeat(ids.astype(jnp.int32), n, axis=0)
+    return jnp.full((B * n, S), dyn["pad"], jnp.int32).at[:, :L].set(prompt), L
+
+
 def _greedy_or_sample(dec: Decoding, s: GenerationSettings, S: int):
     def run(params, inputs, dyn, key):
         B = inputs["input_ids"].shape[0]
@@ -273,14 +291,14 @@ def _greedy_or_sample(dec: Decoding, s: GenerationSettings, S: int):
         n = s.num_return_sequences if s.do_sample else 1
         static, cache = _expand(static, n), _expand(cache, n)
         N = B * n
-        tokens = jnp.full((N, S), dyn["pad"], jnp.int32).at[:, 0].set(dyn["start"])
+        tokens, first = _initial_tokens(dec, inputs, n, S, dyn)
 
         def cond(c):
             return (c["cur"] < dyn["max_length"]) & jnp.any(c["alive"])
 
         def body(c):
             logits, cache = dec.step(params, static, c["cache"], c["tokens"][:, c["cur"] - 1], c["cur"] - 1)
-            scores = _process(logits.astype(jnp.float32), c["tokens"], c["cur"], s, dyn, log_probs=False, n_keep=1)
+            scores = apply_processors(logits.astype(jnp.float32), c["tokens"], c["cur"], s, dyn, n_keep=1)
             if s.do_sample:
                 nxt = jax.random.categorical(jax.random.fold_in(key, c["cur"]), scores, axis=-1)
             else:
@@ -290,7 +308,7 @@ def _greedy_or_sample(dec: Decoding, s: GenerationSettings, S: int):
             alive = c["alive"] & ~_isin(nxt, dyn["eos"])
             return {"tokens": tokens, "cache": cache, "cur": c["cur"] + 1, "alive": alive}
 
-        c = {"tokens": tokens, "cache": cache, "cur": jnp.int32(1), "alive": jnp.ones((N,), bool)}
+        c = {"tokens": tokens, "cache": cache, "cur": jnp.int32(first), "alive": jnp.ones((N,), bool)}
         c = jax.lax.while_loop(cond, body, c)
         return c["tokens"], c["cur"]
 
@@ -332,10 +350,11 @@ def _beam_search(dec: Decoding, s: GenerationSettings, S: int):
     def run(params, inputs, dyn, key):
         B = inputs["input_ids"].shape[0]
         N = B * nb
+        P = dec.prompt_offset(inputs["input_ids"].shape[1])
         static, cache = dec.start(params, inputs, S)
         static, cache = _expand(static, nb), _expand(cache, nb)
         V = dec.vocab_size
-        tokens = jnp.full((N, S), dyn["pad"], jnp.int32).at[:, 0].set(dyn["start"])
+        tokens, first = _initial_tokens(dec, inputs, nb, S, dyn)
         beam_scores = jnp.tile(jnp.concatenate([jnp.zeros((1,)), jnp.full((nb - 1,), -1e9)]), (B,)).astype(jnp.float32)
         hyps = {
             "tokens": jnp.full((B, nb, S), dyn["pad"], jnp.int32),
@@ -354,7 +373,7 @@ def _beam_search(dec: Decoding, s: GenerationSettings, S: int):
             cur = c["cur"]
             logits, cache = dec.step(params, static, c["cache"], c["tokens"][:, cur - 1], cur - 1)
             logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            scores = _process(logp, c["tokens"], cur, s, dyn, log_probs=True, n_keep=n_keep)
+            scores = apply_processors(logp, c["tokens"], cur, s, dyn, n_keep=n_keep)
             total = (scores + c["beam_scores"][:, None]).reshape(B, nb * V)
             if s.do_sample:
                 g = jax.random.gumbel(jax.random.fold_in(key, cur), total.shape)
@@ -374,7 +393,7 @@ def _beam_search(dec: Decoding, s: GenerationSettings, S: int):
             def add_rank(r, h):
                 rows = jnp.take_along_axis(tokens3, src[:, r][:, None, None], axis=1)[:, 0]
                 valid = is_eos[:, r] & ~c["done"]
-                sc = lp_div(top[:, r], jnp.broadcast_to(cur, (B,)))
+                sc = lp_div(top[:, r], jnp.broadcast_to(cur + 1 - P, (B,)))
                 return jax.vmap(hyp_add)(h, rows, jnp.broadcast_to(cur, (B,)), sc, valid)
 
             hyps = jax.lax.fori_loop(0, nb, add_rank, c["hyps"])
@@ -396,9 +415,9 @@ def _beam_search(dec: Decoding, s: GenerationSettings, S: int):
             if s.early_stopping is True:
                 finished = jnp.ones((B,), bool)
             elif s.early_stopping is False:
-                finished = hyps["worst"] >= lp_div(best, cur)
+                finished = hyps["worst"] >= lp_div(best, cur + 1 - P)
             else:
-                denom = jnp.where(s.length_penalty > 0.0, dyn["max_length"] - 1, cur)
+                denom = jnp.where(s.length_penalty > 0.0, dyn["max_length"] - P, cur + 1 - P)
                 finished = hyps["worst"] >= lp_div(best, denom)
             done = c["done"] | ((hyps["count"] >= nb) & finished)
             gsrc = (jnp.arange(B)[:, None] * nb + new_src).reshape(N)
@@ -416,7 +435,7 @@ def _beam_search(dec: Decoding, s: GenerationSettings, S: int):
         c = {
             "tokens": tokens,
             "cache": cache,
-            "cur": jnp.int32(1),
+            "cur": jnp.int32(first),
             "beam_scores": beam_scores,
             "hyps": hyps,
             "done": jnp.zeros((B,), bool),
@@ -427,7 +446,7 @@ def _beam_search(dec: Decoding, s: GenerationSettings, S: int):
         bs = c["beam_scores"].reshape(B, nb)
 
         def final_add(j, h):
-            sc = lp_div(bs[:, j], jnp.broadcast_to(cur - 1, (B,)))
+            sc = lp_div(bs[:, j], jnp.broadcast_to(cur - P, (B,)))
             return jax.vmap(hyp_add)(h, tokens3[:, j], jnp.broadcast_to(cur, (B,)), sc, ~c["done"])
 
         hyps = jax.lax.fori_loop(0, nb, final_add, c["hyps"])
@@ -454,6 +473,51 @@ def _bucket(n: int, b: Optional[int]) -> int:
 def compile_count(model) -> int:
     """How many decoding programs this model has compiled so far (one per shape bucket and beam width)."""
     return sum(fn._cache_size() for fn in model._decode_cache.values())
+
+
+def dynamic_settings(s: GenerationSettings) -> dict:
+    """The traced numbers of a search (changing them does not recompile)."""
+    return {
+        "max_length": jnp.int32(s.max_length),
+        "min_length": jnp.int32(s.min_length),
+        "pad": jnp.int32(s.pad_token_id),
+        "start": jnp.int32(s.decoder_start_token_id),
+        "forced_bos": jnp.int32(s.forced_bos_token_id or 0),
+        "temperature": jnp.float32(s.temperature),
+        "top_p": jnp.float32(s.top_p),
+        "repetition_penalty": jnp.float32(s.repetition_penalty),
+        "eos": jnp.asarray(s.eos_token_ids or (0,), jnp.int32)[: len(s.eos_token_ids)],
+        "forced_eos": jnp.asarray(s.forced_eos_token_id or (0,), jnp.int32),
+    }
+
+
+def static_settings(s: GenerationSettings) -> GenerationSettings:
+    """The settings with every traced number blanked: what one compiled search depends on."""
+    beam = s.num_beams > 1
+    return dataclasses.replace(
+        s,
+        max_length=0, min_length=0, length_penalty=s.length_penalty if beam else 0.0,
+        temperature=float(s.temperature != 1.0), top_p=float(s.top_p < 1.0),
+        repetition_penalty=float(s.repetition_penalty != 1.0), decoder_start_token_id=0, pad_token_id=0,
+        forced_bos_token_id=None if s.forced_bos_token_id is None else 0,
+        eos_token_ids=(0,) * len(s.eos_token_ids),
+        forced_eos_token_id=None if s.forced_eos_token_id is None else (0,) * len(s.forced_eos_token_id),
+        seed=0,
+    )
+
+
+def search(model, dec: Decoding, s: GenerationSettings, inputs: dict, S: int) -> np.ndarray:
+    """Run the compiled greedy/sampling/beam program over ``inputs`` (batch-first arrays) with a cache of S."""
+    beam = s.num_beams > 1
+    extra = tuple(sorted(k for k in inputs if k not in ("input_ids", "attention_mask")))
+    key = ("beam" if beam else "greedy", static_settings(s), S, extra)
+    fn = model._decode_cache.get(key)
+    if fn is None:
+        builder = _beam_search if beam else _greedy_or_sample
+        fn = jax.jit(builder(dec, s, S))
+        model._decode_cache[key] = fn
+    tokens, width = fn(model.params, inputs, dynamic_settings(s), jax.random.PRNGKey(s.seed))
+    return np.asarray(tokens)[:, : int(width)]
 
 
 def generate(model, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
@@ -483,35 +547,6 @@ def generate(model, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
         fill = s.pad_token_id if dec.pad_input_id is None else dec.pad_input_id
         ids = np.concatenate([ids, np.full((B, Lb - L), fill, ids.dtype)], axis=1)
         mask = np.concatenate([mask, np.zeros((B, Lb - L), mask.dtype)], axis=1)
-    S = _bucket(s.max_length, 64)
-    beam = s.num_beams > 1
-    static_key = dataclasses.replace(
-        s,
-        max_length=0, min_length=0, length_penalty=s.length_penalty if beam else 0.0, temperature=float(s.temperature != 1.0),
-        top_p=float(s.top_p < 1.0), repetition_penalty=float(s.repetition_penalty != 1.0),
-        decoder_start_token_id=0, pad_token_id=0, forced_bos_token_id=None if s.forced_bos_token_id is None else 0,
-        eos_token_ids=(0,) * len(s.eos_token_ids),
-        forced_eos_token_id=None if s.forced_eos_token_id is None else (0,) * len(s.forced_eos_token_id),
-        seed=0,
-    )
-    key = ("beam" if beam else "greedy", static_key, S)
-    fn = model._decode_cache.get(key)
-    if fn is None:
-        builder = _beam_search if beam else _greedy_or_sample
-        fn = jax.jit(builder(dec, s, S))
-        model._decode_cache[key] = fn
-    dyn = {
-        "max_length": jnp.int32(s.max_length),
-        "min_length": jnp.int32(s.min_length),
-        "pad": jnp.int32(s.pad_token_id),
-        "start": jnp.int32(s.decoder_start_token_id),
-        "forced_bos": jnp.int32(s.forced_bos_token_id or 0),
-        "temperature": jnp.float32(s.temperature),
-        "top_p": jnp.float32(s.top_p),
-        "repetition_penalty": jnp.float32(s.repetition_penalty),
-        "eos": jnp.asarray(s.eos_token_ids or (0,), jnp.int32)[: len(s.eos_token_ids)],
-        "forced_eos": jnp.asarray(s.forced_eos_token_id or (0,), jnp.int32),
-    }
+    S = _bucket(s.max_length, dec.cache_bucket)
     inputs = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask, jnp.int32)}
-    tokens, width = fn(model.params, inputs, dyn, jax.random.PRNGKey(s.seed))
-    return np.asarray(tokens)[:, : int(width)]
+    return search(model, dec, s, inputs, S)

@@ -7,9 +7,8 @@
 * :func:`generate` is what ``model.generate`` runs: the HF GLM call (``input_ids`` = context + [sop],
   ``position_ids`` [B, 2, L+G], ``generation_attention_mask`` [B, 1, L+G, L+G]) with transformers 4.33.3
   semantics, which the released HF GLM code was used with: n-gram blocking and the beam length penalty count
-  the prompt (``score = sum_logprobs / len(prompt + generated)**length_penalty``). Greedy and sampling run as
-  one compiled ``lax.while_loop``; beam search runs one compiled step per token with the (tiny) hypothesis
-  bookkeeping on the host, exactly as transformers orders it.
+  the prompt (``score = sum_logprobs / len(prompt + generated)**length_penalty``). The shared search of
+  :mod:`lmzoo.generation` runs it: greedy, sampling and beam search each as one compiled ``lax.while_loop``.
 * :func:`blank_layout` / :func:`fill_blanks` build GLM's infilling layout (Part A = the text with its blanks,
   Part B = ``[sop] span`` at the blank's position with block positions 1, 2, ...) and fill several blanks in
   order, each new span seeing the context and every span generated before it.
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .generation import Decoding, GenerationSettings, _process, resolve_settings
+from .generation import Decoding, GenerationSettings, resolve_settings, search
 
 __all__ = ["glm_decoding", "generate", "blank_layout", "fill_blanks", "BlankLayout", "multiple_choice_layout"]
 
@@ -71,7 +70,12 @@ def glm_decoding(model) -> Decoding:
         visible = jnp.broadcast_to(visible, (N, T))
         return module.apply({"params": params}, tokens, pos, visible, cache, index, method=GLMModule.decode_step)
 
-    return Decoding(start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=False, length_bucket=None)
+    # positions and the generation mask are given per column up to max_length: cache exactly that many;
+    # beams follow transformers 4.33 (the length penalty counts the prompt), as the released GLM code ran
+    return Decoding(
+        start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=False, length_bucket=None,
+        cache_bucket=None, beam_rules="4.33",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,8 +85,6 @@ def resolve(model, kwargs: dict, prompt_len: int, vocab: int) -> GenerationSetti
     if defaults.get("decoder_start_token_id") is None and defaults.get("bos_token_id") is None:
         defaults["decoder_start_token_id"] = 0  # decoder-only: the prompt is the start; the id is never used
     s = resolve_settings(defaults, kwargs, prompt_length=prompt_len, vocab_size=vocab)
-    if s.num_beams > 1 and s.do_sample:
-        raise NotImplementedError("beam sampling (num_beams > 1 with do_sample=True) is not implemented for GLM")
     if s.forced_bos_token_id is not None:
         raise ValueError("forced_bos_token_id has no meaning for GLM (decoder-only: the prompt is already there)")
     for seq in s.bad_words_ids:
@@ -90,193 +92,6 @@ def resolve(model, kwargs: dict, prompt_len: int, vocab: int) -> GenerationSetti
             if not 0 <= i < vocab:
                 raise ValueError(f"bad_words_ids contains {i}, outside the vocabulary [0, {vocab})")
     return s
-
-
-def _static_key(s: GenerationSettings) -> GenerationSettings:
-    """The settings with every traced number blanked: what a compiled program depends on."""
-    return dataclasses.replace(
-        s, max_length=0, min_length=0, seed=0, decoder_start_token_id=0, pad_token_id=0,
-        top_p=float(s.top_p < 1.0), temperature=float(s.temperature != 1.0), repetition_penalty=float(s.repetition_penalty != 1.0),
-        eos_token_ids=(0,) * len(s.eos_token_ids),
-        forced_eos_token_id=None if s.forced_eos_token_id is None else (0,) * len(s.forced_eos_token_id),
-    )
-
-
-def process(scores, tokens, cur, s: GenerationSettings, dyn, *, keep: int = 1):
-    """transformers' processors and warpers on scores [N, V] given tokens [N, S] filled up to ``cur``."""
-    return _process(scores, tokens, cur, s, dyn, log_probs=False, n_keep=keep)
-
-
-def _dyn(s: GenerationSettings):
-    return {
-        "max_length": jnp.int32(s.max_length),
-        "min_length": jnp.int32(s.min_length),
-        "pad": jnp.int32(s.pad_token_id),
-        "start": jnp.int32(0),
-        "forced_bos": jnp.int32(0),
-        "temperature": jnp.float32(s.temperature),
-        "top_p": jnp.float32(s.top_p),
-        "repetition_penalty": jnp.float32(s.repetition_penalty),
-        "eos": jnp.asarray(s.eos_token_ids or (0,), jnp.int32)[: len(s.eos_token_ids)],
-        "forced_eos": jnp.asarray(s.forced_eos_token_id or (0,), jnp.int32),
-    }
-
-
-def _greedy_or_sample(dec: Decoding, s: GenerationSettings, S: int):
-    def run(params, inputs, dyn, key):
-        ids = inputs["input_ids"]
-        N, L = ids.shape
-        static, cache = dec.start(params, inputs, S)
-        tokens = jnp.full((N, S), dyn["pad"], jnp.int32).at[:, :L].set(ids)
-        eos = dyn["eos"]
-
-        def cond(c):
-            return (c["cur"] < dyn["max_length"]) & jnp.any(c["alive"])
-
-        def body(c):
-            cur = c["cur"]
-            logits, cache = dec.step(params, static, c["cache"], c["tokens"][:, cur - 1], cur - 1)
-            scores = process(logits, c["tokens"], cur, s, dyn)
-            if s.do_sample:
-                nxt = jax.random.categorical(jax.random.fold_in(key, cur), scores, axis=-1)
-            else:
-                nxt = jnp.argmax(scores, axis=-1)
-            nxt = jnp.where(c["alive"], nxt.astype(jnp.int32), dyn["pad"])
-            alive = c["alive"] & ~jnp.any(nxt[:, None] == eos[None], axis=1)
-            return {"tokens": c["tokens"].at[:, cur].set(nxt), "cache": cache, "cur": cur + 1, "alive": alive}
-
-        c = {"tokens": tokens, "cache": cache, "cur": jnp.int32(L), "alive": jnp.ones((N,), bool)}
-        c = jax.lax.while_loop(cond, body, c)
-        return c["tokens"], c["cur"]
-
-    return run
-
-
-def _beam_step(dec: Decoding, s: GenerationSettings, K: int):
-    """One compiled beam step: reorder the cache, feed the last tokens, score, top-K over beams x vocab."""
-
-    def step(params, static, cache, src, tokens, cur, beam_scores, dyn):
-        cache = jax.tree.map(lambda x: jnp.take(x, src, axis=0), cache)
-        logits, cache = dec.step(params, static, cache, tokens[:, cur - 1], cur - 1)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        scores = process(logp, tokens, cur, s, dyn) + beam_scores[:, None]
-        nb = s.num_beams
-        N, V = scores.shape
-        top, cand = jax.lax.top_k(scores.reshape(N // nb, nb * V), K)
-        return cache, top, cand
-
-    return step
-
-
-class _Hypotheses:
-    """transformers 4.33 ``BeamHypotheses``: the score divides by the FULL length (prompt included)."""
-
-    def __init__(self, num_beams, length_penalty, early_stopping, max_length):
-        self.nb, self.lp, self.early, self.max_length = num_beams, length_penalty, early_stopping, max_length
-        self.beams: list[tuple[float, np.ndarray]] = []
-        self.worst = 1e9
-
-    def add(self, hyp: np.ndarray, sum_logprobs: float):
-        score = sum_logprobs / (len(hyp) ** self.lp)
-        if len(self.beams) < self.nb or score > self.worst:
-            self.beams.append((score, hyp))
-            if len(self.beams) > self.nb:
-                ranked = sorted((sc, i) for i, (sc, _) in enumerate(self.beams))
-                del self.beams[ranked[0][1]]
-                self.worst = ranked[1][0]
-            else:
-                self.worst = min(score, self.worst)
-
-    def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
-        if len(self.beams) < self.nb:
-            return False
-        if self.early is True:
-            return True
-        if self.early is False:
-            return self.worst >= best_sum_logprobs / cur_len**self.lp
-        # "never": the best a running beam can still reach
-        denom = self.max_length if self.lp > 0.0 else cur_len
-        return self.worst >= best_sum_logprobs / denom**self.lp
-
-
-def _beam_search(model, dec, s: GenerationSettings, inputs, S: int):
-    nb = s.num_beams
-    ids = np.asarray(inputs["input_ids"])
-    B, L = ids.shape
-    K = max(2, 1 + len(s.eos_token_ids)) * nb
-    key = ("glm-beam-start", S)
-    start = model._decode_cache.get(key)
-    if start is None:
-        start = model._decode_cache[key] = jax.jit(lambda p, i: dec.start(p, i, S))
-    key = ("glm-beam-step", _static_key(s), S)
-    step = model._decode_cache.get(key)
-    if step is None:
-        step = model._decode_cache[key] = jax.jit(_beam_step(dec, s, K))
-    rep = lambda x: jnp.repeat(x, nb, axis=0)
-    static, cache = start(model.params, inputs)
-    static, cache = jax.tree.map(rep, static), jax.tree.map(rep, cache)
-    N = B * nb
-    tokens = np.full((N, S), s.pad_token_id, np.int32)
-    tokens[:, :L] = np.repeat(ids, nb, axis=0)
-    beam_scores = np.zeros((B, nb), np.float32)
-    beam_scores[:, 1:] = -1e9
-    hyps = [_Hypotheses(nb, s.length_penalty, s.early_stopping, s.max_length) for _ in range(B)]
-    done = np.zeros(B, bool)
-    src = np.arange(N, dtype=np.int32)
-    dyn = _dyn(s)
-    eos = set(s.eos_token_ids)
-    V = dec.vocab_size
-    cur = L
-    while True:
-        cache, top, cand = step(model.params, static, cache, jnp.asarray(src), jnp.asarray(tokens), jnp.int32(cur),
-                                jnp.asarray(beam_scores.reshape(N)), dyn)
-        top, cand = np.asarray(top), np.asarray(cand)
-        new_scores = np.zeros((B, nb), np.float32)
-        new_tok = np.full((B, nb), s.pad_token_id, np.int32)
-        new_src = np.arange(N, dtype=np.int32).reshape(B, nb)
-        for b in range(B):
-            if done[b]:
-                continue
-            j = 0
-            for rank in range(K):
-                tok, beam = int(cand[b, rank] % V), int(cand[b, rank] // V)
-                row = b * nb + beam
-                if tok in eos:
-                    if rank >= nb:
-                        continue
-                    hyps[b].add(tokens[row, :cur].copy(), float(top[b, rank]))
-                else:
-                    new_scores[b, j], new_tok[b, j], new_src[b, j] = top[b, rank], tok, row
-                    j += 1
-                if j == nb:
-                    break
-            done[b] = done[b] or hyps[b].is_done(float(top[b].max()), cur)
-        src = new_src.reshape(N)
-        tokens = tokens[src]
-        tokens[:, cur] = new_tok.reshape(N)
-        beam_scores = new_scores
-        cur += 1
-        if done.all() or cur >= s.max_length:
-            break
-    # finalize: running beams of unfinished items become hypotheses too
-    for b in range(B):
-        if done[b]:
-            continue
-        for j in range(nb):
-            hyps[b].add(tokens[b * nb + j, :cur].copy(), float(beam_scores[b, j]))
-    best = []
-    for h in hyps:
-        ranked = sorted(h.beams, key=lambda x: x[0])
-        for _ in range(s.num_return_sequences):
-            best.append(ranked.pop()[1])
-    lengths = np.array([len(x) for x in best])
-    width = min(int(lengths.max()) + 1, s.max_length)
-    out = np.full((len(best), width), s.pad_token_id, np.int64)
-    for i, hyp in enumerate(best):
-        out[i, : len(hyp)] = hyp
-        if len(hyp) < width and s.eos_token_ids:
-            out[i, len(hyp)] = s.eos_token_ids[0]
-    return out
 
 
 def generate(
@@ -333,17 +148,7 @@ def generate(
         if gm.shape[2] < S:
             gm = np.pad(gm, [(0, 0), (0, 0), (0, S - gm.shape[2]), (0, S - gm.shape[3])])
         inputs["generation_attention_mask"] = jnp.asarray(gm[:, :, :S, :S] != 0)
-    if s.num_beams > 1:
-        return _beam_search(model, dec, s, inputs, S)
-    n = s.num_return_sequences if s.do_sample else 1
-    if n > 1:
-        inputs = {k: jnp.repeat(v, n, axis=0) for k, v in inputs.items()}
-    key = ("glm-greedy", _static_key(s), S, "generation_attention_mask" in inputs)
-    fn = model._decode_cache.get(key)
-    if fn is None:
-        fn = model._decode_cache[key] = jax.jit(_greedy_or_sample(dec, s, S))
-    tokens, cur = fn(model.params, inputs, _dyn(s), jax.random.PRNGKey(s.seed))
-    return np.asarray(tokens)[:, : int(cur)].astype(np.int64)
+    return search(model, dec, s, inputs, S).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------
