@@ -29,7 +29,7 @@ from lmzoo.train.trainer import Trainer
 DATA = os.path.join(os.path.dirname(__import__("lmzoo").__file__), "data")
 CORPUS = os.path.join(DATA, "demo_corpus.txt")
 SPIECE = os.path.join(DATA, "demo_spiece.model")
-TINY_T5 = {"vocab_size": 300, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+TINY_T5 = {"vocab_size": 300, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4,
            "eos_token_id": 2, "pad_token_id": 3, "decoder_start_token_id": 1}
 
 
@@ -96,6 +96,8 @@ CHILD = textwrap.dedent(
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
+    jax.config.update("jax_compilation_cache_dir", {cache!r})  # the children share their compiled step
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     sys.path.insert(0, {tests!r})
     from test_train import tiny_cfg
     from lmzoo.train import trainer, loop
@@ -139,9 +141,14 @@ def _wait_for_checkpoint(ckpt_dir, step, proc, timeout=240):
     raise AssertionError("no checkpoint appeared")
 
 
-def _child(tmp_path, out_dir, slow_after, *overrides):
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def _child(tmp_path, cache, out_dir, slow_after, *overrides):
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=os.path.dirname(__file__)))
+    script.write_text(CHILD.format(tests=os.path.dirname(__file__), cache=str(cache)))
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
     return subprocess.Popen([sys.executable, str(script), str(out_dir), str(slow_after), *overrides], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
 
@@ -166,15 +173,15 @@ def _final_params(out_dir, mesh_shape={"data": 1}):
     return step, state, data
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, jax_cache, reference_run):
     out = tmp_path / "run"
-    p = _child(tmp_path, out, 4)
+    p = _child(tmp_path, jax_cache, out, 4)
     _wait_for_checkpoint(out / "checkpoints", 4, p)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL
     assert Checkpointer(str(out / "checkpoints")).latest_step() < 8
-    p = _child(tmp_path, out, 99)
+    p = _child(tmp_path, jax_cache, out, 99)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err.decode()[-3000:]
     assert _losses(out) == _losses(reference_run)
@@ -185,9 +192,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sigterm_writes_a_checkpoint_of_the_last_step(tmp_path):
+def test_sigterm_writes_a_checkpoint_of_the_last_step(tmp_path, jax_cache):
     out = tmp_path / "run"
-    p = _child(tmp_path, out, 3, "loop.save_every=0")
+    p = _child(tmp_path, jax_cache, out, 3, "loop.save_every=0")
     t0 = time.time()
     while not os.path.exists(out / "metrics.jsonl") or max(_losses(out), default=0) < 3:
         assert p.poll() is None and time.time() - t0 < 240, "the child did not reach step 3"

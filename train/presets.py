@@ -74,7 +74,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         },
     ),
     "cocolm-glue": (
-        "COCO-LM GLUE fine-tuning (classification): AdamW, linear decay, 6.25% warmup; set the task's lr / batch",
+        "COCO-LM GLUE fine-tuning (classification): AdamW, linear decay; set the task's lr, batch and optim.warmup_steps (6.25% or 10% of the steps)",
         {
             "model": {"family": "cocolm"},
             "optim": {"name": "adamw", "lr": 2e-5, "weight_decay": 0.01, "eps": 1e-6, "b2": 0.98, "schedule": "linear"},
