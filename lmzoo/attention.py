@@ -58,6 +58,7 @@ def attend(
     mask_value: Optional[float] = F32_MIN,
     probs_fn: Optional[Callable] = None,
     dtype=jnp.float32,
+    replace_masked: bool = False,
 ):
     """Softmax attention of q [B,Lq,H,D] over k/v [B,Lk,H,D]; returns [B,Lq,H,D] in ``dtype``.
 
@@ -69,6 +70,13 @@ def attend(
     masking in the kernel (such a row outputs 0) and the float32 minimum in the XLA path, the two agreeing
     on every row with a visible key. probs_fn (XLA path only, e.g. attention dropout) maps the
     probabilities [B,H,Lq,Lk] before they weight v; the kernel has none and refuses it.
+
+    replace_masked: the original *replaces* masked scores by a constant (GLM's -65504, PALM's -1e18), so
+    masked scores get no gradient, also in a fully masked row (which attends uniformly over all Lk keys).
+    The XLA path does that already; the kernel then runs with hard masking (a fully masked row outputs 0
+    with zero gradients) and such rows, found in O(B·(Lq+Lk)) from the factored masks, get the mean of all
+    values, whose gradient reaches v only, as the original's does. (Adding the float32 minimum gives the
+    same forward, but its backward passes a softmax gradient to the scores of a fully masked row.)
     """
     B, Lq, H, _ = q.shape
     Lk = k.shape[1]
@@ -89,8 +97,13 @@ def attend(
         out = block_sparse_attention(
             q.astype(dtype), k.astype(dtype), v.astype(dtype), layout, scale=scale, causal=causal, q_offset=qo,
             prefix_len=prefix_len, key_mask=key_mask, bias_table=bias_table, bias_buckets=buckets,
-            mask_value=mask_value, qkv_layout="blhd",
+            mask_value=None if replace_masked else mask_value, qkv_layout="blhd",
         )
+        if replace_masked:
+            empty = _rows_without_visible_key(B, Lq, Lk, key_mask, causal, q_offset, prefix_len)
+            if empty is not None:
+                uniform = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True).astype(out.dtype)  # [B,1,H,D]
+                out = jnp.where(empty[:, :, None, None], uniform, out)
         return out.astype(dtype)
     if impl != "xla":
         raise ValueError(f"attention_impl must be 'xla' or 'pallas', got {impl!r}")
@@ -121,3 +134,28 @@ def attend(
         scores = jnp.where(mask, scores, F32_MIN if mask_value is None else mask_value)
     probs = probs_fn(jax.nn.softmax(scores, axis=-1))
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+
+
+def _rows_without_visible_key(B, Lq, Lk, key_mask, causal, q_offset, prefix_len):
+    """[B, Lq] bool: query rows that see no key under the factored masks (None when none can be empty).
+
+    Visibility is monotone in the key index for every rule (a prefix, ``j <= q_offset + i``), so a row sees
+    some key iff it sees the first key the key mask allows.
+    """
+    if key_mask is None and not causal:
+        return None
+    if key_mask is None:
+        first = jnp.zeros((B,), jnp.int32)
+        has_key = jnp.ones((B,), bool)
+    else:
+        km = jnp.asarray(key_mask).astype(bool)
+        first = jnp.argmax(km, axis=1).astype(jnp.int32)
+        has_key = jnp.any(km, axis=1)
+    seen = jnp.broadcast_to(has_key[:, None], (B, Lq))
+    if causal:
+        qpos = jnp.reshape(jnp.asarray(q_offset, jnp.int32), (-1, 1)) + jnp.arange(Lq, dtype=jnp.int32)[None]
+        ok = first[:, None] <= qpos
+        if prefix_len is not None:
+            ok = ok | (first < jnp.asarray(prefix_len, jnp.int32))[:, None]
+        seen = seen & ok
+    return ~seen

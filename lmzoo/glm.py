@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import F32_MIN, attend
 from .configuration import ConfigError, ModelConfig
 from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain
 from .modeling import PretrainedModel
@@ -34,6 +35,8 @@ __all__ = [
     "GLMForSequenceClassification",
     "GLM_SIZES",
     "build_attention_mask",
+    "attention_mask_spec",
+    "factor_mask",
     "per_device_param_bytes",
     "model_class",
 ]
@@ -183,6 +186,61 @@ def build_attention_mask(attention_mask, batch: int, query_len: int, memory_len:
     return am[..., am.shape[-1] - (M + S):]
 
 
+def factor_mask(mask, memory_len: int = 0):
+    """Express a dense 0/1 mask [B|1, 1, S, T] (T = memory_len + S) as the kernel's rule, on device.
+
+    Returns ``{"prefix_len": [B] int32, "key_mask": [B, T] bool, "factored": bool scalar}``: key j is
+    visible to query i iff key_mask[j] and (j < prefix_len or j <= memory_len + i), and ``factored``
+    says whether that reproduces the mask exactly (numbers other than 0 and 1 never factor). This covers
+    the HF ``build_inputs_for_generation`` layout (padded contexts: bidirectional context minus its pad
+    columns, causal generated part) and causal or sep-form masks given in 4-D; block-diagonal layouts
+    (multiple-choice scoring) do not factor. Elementwise work on the given mask only; nothing larger.
+    """
+    m = jnp.asarray(mask)
+    binary = jnp.ones((), bool) if m.dtype == jnp.bool_ else jnp.all((m == 0) | (m == 1))
+    m = (m != 0)[:, 0]  # [B|1, S, T]
+    _, S, T = m.shape
+    key_mask = jnp.any(m, axis=1)
+    partial = key_mask & ~jnp.all(m, axis=1)  # keys seen by some queries but not all
+    prefix_len = jnp.where(jnp.any(partial, axis=1), jnp.argmax(partial, axis=1), T).astype(jnp.int32)
+    i = jnp.arange(S)[:, None] + (T - S)
+    j = jnp.arange(T)[None, :]
+    rule = key_mask[:, None, :] & ((j[None] < prefix_len[:, None, None]) | (j <= i)[None])
+    return {"prefix_len": prefix_len, "key_mask": key_mask, "factored": binary & jnp.all(rule == m)}
+
+
+def attention_mask_spec(attention_mask, batch: int, query_len: int, memory_len: int = 0, impl: str = "xla"):
+    """The mask the layers get: :func:`build_attention_mask`'s dense mask for ``impl="xla"``; for
+    ``"pallas"`` a factored form the kernel computes in-kernel (no S x T array is built).
+
+    * sep form (and ``None``): ``{"prefix_len": sep + M}`` — causal with q_offset = M, memory keys
+      visible to every query (the kernel docs' rule for mems).
+    * 2-D key mask: ``{"key_mask": [B, M+S]}``; a mask of numbers (not bool) also carries the dense mask
+      and runs the XLA path where its values are not all 0/1 (``lax.cond`` on device).
+    * 4-D mask [B|1, 1, S, M+S]: :func:`factor_mask`, with the dense mask for the XLA path where it does
+      not factor. A per-head 4-D mask stays dense (XLA).
+    """
+    if impl != "pallas":
+        return build_attention_mask(attention_mask, batch, query_len, memory_len)
+    am = jnp.zeros((batch,), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
+    if am.size == 1 or am.size == batch:
+        sep = jnp.broadcast_to(am.reshape(-1).astype(jnp.int32), (batch,))
+        return {"prefix_len": sep + memory_len}
+    dense = build_attention_mask(am, batch, query_len, memory_len)  # validates the 2-D and 4-D forms
+    if am.ndim == 2:
+        km = jnp.broadcast_to(dense[:, 0, 0], (batch, dense.shape[-1]))
+        if km.dtype == jnp.bool_:
+            return {"key_mask": km}
+        return {"key_mask": km != 0, "factored": jnp.all((km == 0) | (km == 1)), "dense": dense}
+    if dense.shape[1] != 1:
+        return dense
+    spec = factor_mask(dense, memory_len)
+    spec["prefix_len"] = jnp.broadcast_to(spec["prefix_len"], (batch,))
+    spec["key_mask"] = jnp.broadcast_to(spec["key_mask"], (batch, dense.shape[-1]))
+    spec["dense"] = dense
+    return spec
+
+
 class GLMAttention(nn.Module):
     """Fused Q|K|V projection (kernel [H, 3, n, d]: contiguous thirds, head-contiguous inside each)."""
 
@@ -214,30 +272,68 @@ class GLMAttention(nn.Module):
         return constrain(y, ("batch", "length", None, "act_heads", "kv"))
 
     def attend(self, q, k, v, mask):
-        """q [B,S,n,d], k/v [B,T,n,d], mask [B|1,1,S,T] (bool or 0/1 numbers) -> [B,S,H] after ``dense``."""
+        """q [B,S,n,d], k/v [B,T,n,d] -> [B,S,H] after ``dense``.
+
+        ``mask``: a dense [B|1,1,S,T] mask (bool or 0/1 numbers; the XLA path) or, with
+        ``attention_impl="pallas"``, the factored form of :func:`attention_mask_spec` (kernel path, or
+        the XLA path on device where a 4-D mask does not factor).
+        """
         c = self.config
         dt = c.compute_dtype
-        d = c.head_dim
-        a = c.attention_scale
-        if a > 1.0:
-            scores = jnp.einsum("bsnd,btnd->bnst", q / jnp.asarray(math.sqrt(a), dt), k / jnp.asarray(math.sqrt(d * a), dt))
+        if isinstance(mask, dict):
+            if mask.get("dense") is None:
+                ctx = _kernel_context(q, k, v, mask, c)
+            else:
+                ctx = jax.lax.cond(
+                    mask["factored"],
+                    lambda: _kernel_context(q, k, v, mask, c),
+                    lambda: _xla_context(q, k, v, mask["dense"], c),
+                )
         else:
-            # The original divides K by sqrt(d) before the matmul; keep that order.
-            scores = jnp.einsum("bsnd,btnd->bnst", q, k / jnp.asarray(math.sqrt(d), dt))
-        scores = scores.astype(jnp.float32)
-        m = mask.astype(jnp.float32)
-        if a > 1.0:
-            scores = scores * m
-            scores = (scores - jnp.max(scores, axis=-1, keepdims=True)) * a
-            scores = scores + MASK_FILL * (1.0 - m)
-        elif mask.dtype == jnp.bool_:
-            scores = jnp.where(mask, scores, MASK_FILL)  # == scores*m + fill*(1-m) for 0/1 masks
-        else:
-            scores = scores * m + MASK_FILL * (1.0 - m)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        ctx = jnp.einsum("bnst,btnd->bsnd", probs, v.astype(dt))
-        ctx = constrain(ctx, ("batch", "length", "act_heads", "kv"))
+            ctx = _xla_context(q, k, v, mask, c)
+        ctx = constrain(ctx.astype(dt), ("batch", "length", "act_heads", "kv"))
         return jnp.einsum("bsnd,ndh->bsh", ctx, self.dense_kernel.astype(dt)) + self.dense_bias.astype(dt)
+
+
+def _xla_context(q, k, v, mask, c: GLMConfig):
+    """The original's attention, step by step (the numerical reference): [B,S,n,d]."""
+    dt = c.compute_dtype
+    d = c.head_dim
+    a = c.attention_scale
+    if a > 1.0:
+        scores = jnp.einsum("bsnd,btnd->bnst", q / jnp.asarray(math.sqrt(a), dt), k / jnp.asarray(math.sqrt(d * a), dt))
+    else:
+        # The original divides K by sqrt(d) before the matmul; keep that order.
+        scores = jnp.einsum("bsnd,btnd->bnst", q, k / jnp.asarray(math.sqrt(d), dt))
+    scores = scores.astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    if a > 1.0:
+        scores = scores * m
+        scores = (scores - jnp.max(scores, axis=-1, keepdims=True)) * a
+        scores = scores + MASK_FILL * (1.0 - m)
+    elif mask.dtype == jnp.bool_:
+        scores = jnp.where(mask, scores, MASK_FILL)  # == scores*m + fill*(1-m) for 0/1 masks
+    else:
+        scores = scores * m + MASK_FILL * (1.0 - m)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bnst,btnd->bsnd", probs, v.astype(dt))
+
+
+def _kernel_context(q, k, v, spec: dict, c: GLMConfig):
+    """The block-sparse kernel on the factored mask: [B,S,n,d].
+
+    Scale d^-0.5 whatever ``attention_scale`` is: the original's a > 1 branch computes
+    (q/sqrt(a))·(k/sqrt(d·a)), subtracts the row max and multiplies by a, which leaves the softmax over
+    the visible keys that of q·k/sqrt(d). The original *replaces* masked scores by -65504: masked keys get
+    exactly zero weight (the kernel masks them), a fully masked row attends uniformly over all keys, and
+    masked scores get no gradient (``replace_masked``).
+    """
+    Lq, Lk = q.shape[1], k.shape[1]
+    prefix_len = spec.get("prefix_len")
+    return attend(
+        q, k, v, impl="pallas", scale=c.head_dim**-0.5, key_mask=spec.get("key_mask"), causal=prefix_len is not None,
+        q_offset=Lk - Lq, prefix_len=prefix_len, mask_value=F32_MIN, dtype=c.compute_dtype, replace_masked=True,
+    )
 
 
 class GLMMLP(nn.Module):
@@ -369,7 +465,8 @@ class GLMModule(nn.Module):
     def decode_step(self, tokens, position_ids, key_mask, cache, index):
         """Feed one token per row at cache slot ``index``: tokens [N], position_ids [N,2], key_mask [N,T] bool."""
         x = self.embed(tokens[:, None], position_ids[:, :, None])
-        mask = key_mask[:, None, None, :]
+        # one query per row: its generation-mask row is a key mask, which the kernel takes as it is
+        mask = {"key_mask": key_mask} if self.config.attention_impl == "pallas" else key_mask[:, None, None, :]
         new_cache = []
         for layer, (kc, vc) in zip(self.transformer.layers, cache):
             k, v = layer.kv(x)
@@ -494,7 +591,7 @@ class _GLMBase(PretrainedModel):
         B, S = input_ids.shape
         mems = _mems_list(mems, c.num_layers)
         M = 0 if mems is None else mems[0].shape[1]
-        mask = build_attention_mask(attention_mask, B, S, M)
+        mask = attention_mask_spec(attention_mask, B, S, M, c.attention_impl)
         pos = _positions(position_ids, input_ids)
         return self.module.apply({"params": params}, input_ids, pos, mask, mems, logits=logits)
 
@@ -610,7 +707,7 @@ class GLMForSequenceClassification(_GLMBase):
                 position_ids = pi.reshape((-1,) + pi.shape[2:])
         input_ids = _check_ids(input_ids)
         B, S = input_ids.shape
-        mask = build_attention_mask(attention_mask, B, S)
+        mask = attention_mask_spec(attention_mask, B, S, 0, self.config.attention_impl)
         pos = _positions(position_ids, input_ids)
         logits, y = self.module.apply({"params": params}, input_ids, pos, mask)
         if num_choices is not None:

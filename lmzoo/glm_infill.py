@@ -35,7 +35,7 @@ def glm_decoding(model) -> Decoding:
     """start(params, inputs, max_len): inputs ``input_ids`` [B,L], ``position_ids`` [B,2,>=max_len] and optionally
     ``generation_attention_mask`` [B,1,>=max_len,>=max_len]; the first L-1 tokens fill the cache, the last one is
     fed by the first ``step`` at index L-1."""
-    from .glm import GLMModule
+    from .glm import GLMModule, factor_mask
 
     module, c = model.module, model.config
 
@@ -50,6 +50,17 @@ def glm_decoding(model) -> Decoding:
         else:
             i = jnp.arange(L - 1)
             pre_mask = (i[None, :] <= i[:, None])[None, None]
+        if c.attention_impl == "pallas":
+            # the kernel takes the prompt's mask in factored form: causal, or the generation mask's top-left
+            # block through factor_mask (the XLA path on device where that block does not factor)
+            if gmask is None:
+                pre_mask = {"prefix_len": jnp.zeros((B,), jnp.int32)}
+            else:
+                dense = pre_mask
+                pre_mask = factor_mask(dense)
+                pre_mask["prefix_len"] = jnp.broadcast_to(pre_mask["prefix_len"], (B,))
+                pre_mask["key_mask"] = jnp.broadcast_to(pre_mask["key_mask"], (B, L - 1))
+                pre_mask["dense"] = dense
         if L > 1:
             cache = module.apply({"params": params}, ids[:, :-1], pos[:, :, : L - 1], pre_mask, max_len, method=GLMModule.prefill)
         else:
