@@ -264,3 +264,15 @@ def test_seq2seq_layouts():
     b = palm.build([([5, 6, 7], [8, 9])], np.random.default_rng(0))
     assert b["input_ids"][0].tolist() == [101, 5, 6, 7, 102, 0, 0, 0]
     assert b["labels"][0].tolist() == [101, 8, 9, 102, 0, 0] and "decoder_input_ids" not in b
+
+
+def test_scl_gradient_is_finite_for_an_all_padding_row():
+    """A zero pooled vector (e.g. an all-padding row) must not turn the contrastive gradient into NaN."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32).at[2].set(0.0)
+    b = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32).at[2].set(0.0)
+    ga, gb = jax.grad(lambda a, b: scl_loss(a, b, 0.5), argnums=(0, 1))(a, b)
+    assert np.isfinite(np.asarray(ga)).all() and np.isfinite(np.asarray(gb)).all()
+    assert np.isfinite(float(scl_loss(a, b, 0.5)))

@@ -138,8 +138,9 @@ def scl_loss(crop_pooled, corr_pooled, temperature: float):
     """0.5 * sum over the 2B interleaved rows of CE(sim / tau) with each row's partner as the label."""
     a = crop_pooled.astype(jnp.float32)
     b = corr_pooled.astype(jnp.float32)
-    a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    # F.normalize(eps=1e-12) with a gradient that stays finite at a zero vector (the norm's is 0/0 there)
+    a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=-1, keepdims=True), 1e-24))
+    b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, axis=-1, keepdims=True), 1e-24))
     g = jnp.stack([a, b], axis=1).reshape(-1, a.shape[-1])  # [crop_0, corr_0, crop_1, corr_1, ...]
     sim = g @ g.T / temperature
     n = g.shape[0]
