@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .configuration import ConfigError, ModelConfig, read_json
+from .attention import F32_MIN, attend
 from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain, dot_product_attention
 from .modeling import PretrainedModel
 from .outputs import ModelOutput
@@ -273,9 +274,16 @@ class BertSelfAttention(nn.Module):
         d = b.hidden_size // H
         split = lambda t: t.reshape(t.shape[:-1] + (H, d))
         q = constrain(split(self.query(x)), ("batch", "length", "act_heads", "kv"))
-        out, _ = dot_product_attention(
-            q, split(self.key(x)), split(self.value(x)), mask=mask, scale=1.0 / math.sqrt(d), dtype=self.config.compute_dtype
-        )
+        if self.config.attention_impl == "pallas":
+            # key padding in-kernel; HF BERT adds finfo.min to padded keys' scores (additive, as mask_value)
+            out = attend(
+                q, split(self.key(x)), split(self.value(x)), impl="pallas", scale=1.0 / math.sqrt(d),
+                key_mask=mask[:, 0, 0, :], mask_value=F32_MIN, dtype=self.config.compute_dtype,
+            )
+        else:
+            out, _ = dot_product_attention(
+                q, split(self.key(x)), split(self.value(x)), mask=mask, scale=1.0 / math.sqrt(d), dtype=self.config.compute_dtype
+            )
         return self.output(out.reshape(out.shape[:2] + (b.hidden_size,)))
 
 
@@ -360,9 +368,29 @@ class PresummAttention(nn.Module):
     def project_kv(self, x):
         return self.split(self.linear_keys(x)), self.split(self.linear_values(x))
 
-    def __call__(self, x, kv, *, blocked=None, invalid=None):
+    def __call__(self, x, kv, *, blocked=None, invalid=None, kernel=None):
+        """``kernel`` (attention_impl="pallas"): the masks in factored form for the block-sparse kernel —
+        ``key_mask`` [B, K] and ``causal`` as :func:`lmzoo.attention.attend` takes them, and optionally
+        ``uniform_rows`` [B, Q] / ``uniform_keys`` [B, K]: rows that attend uniformly over those keys
+        (the incremental PAD rule). The original replaces masked scores (-1e18), so masked scores get no
+        gradient and a fully masked row attends uniformly over all keys (``replace_masked``). No
+        probabilities come back from the kernel (None)."""
         q = constrain(self.split(self.linear_query(x)), ("batch", "length", "act_heads", "kv"))
-        out, probs = presumm_attention(q, *kv, blocked=blocked, invalid=invalid, dtype=self.config.compute_dtype)
+        if kernel is not None:
+            kernel = dict(kernel)
+            rows, keys = kernel.pop("uniform_rows", None), kernel.pop("uniform_keys", None)
+            k, v = kv
+            out = attend(
+                q, k, v, impl="pallas", scale=q.shape[-1] ** -0.5, mask_value=F32_MIN, replace_masked=True,
+                dtype=self.config.compute_dtype, **kernel,
+            )
+            if rows is not None:
+                w = keys.astype(jnp.float32)
+                mean = jnp.einsum("bk,bkhd->bhd", w, v.astype(jnp.float32)) / jnp.sum(w, axis=1)[:, None, None]
+                out = jnp.where(rows[:, :, None, None], mean[:, None].astype(out.dtype), out)
+            probs = None
+        else:
+            out, probs = presumm_attention(q, *kv, blocked=blocked, invalid=invalid, dtype=self.config.compute_dtype)
         return self.final_linear(out.reshape(out.shape[:2] + (self.config.dec_hidden_size,))), probs
 
 
@@ -393,12 +421,14 @@ class PresummDecoderLayer(nn.Module):
         self.layer_norm_1 = LayerNorm(epsilon=1e-6, **_kw(c))
         self.layer_norm_2 = LayerNorm(epsilon=1e-6, **_kw(c))
 
-    def __call__(self, x, memory_kv, ctx_blocked, *, self_kv=None, self_blocked=None, self_invalid=None):
-        """``self_kv`` None: self-attention over x itself (teacher forcing); else the cache to use."""
+    def __call__(self, x, memory_kv, ctx_blocked, *, self_kv=None, self_blocked=None, self_invalid=None,
+                 self_kernel=None, ctx_kernel=None):
+        """``self_kv`` None: self-attention over x itself (teacher forcing); else the cache to use.
+        ``self_kernel`` / ``ctx_kernel``: run that attention on the kernel (see PresummAttention)."""
         a = self.layer_norm_1(x)
         kv = self.self_attn.project_kv(a) if self_kv is None else self_kv
-        x = self.self_attn(a, kv, blocked=self_blocked, invalid=self_invalid)[0] + x
-        mid, probs = self.context_attn(self.layer_norm_2(x), memory_kv, blocked=ctx_blocked)
+        x = self.self_attn(a, kv, blocked=self_blocked, invalid=self_invalid, kernel=self_kernel)[0] + x
+        mid, probs = self.context_attn(self.layer_norm_2(x), memory_kv, blocked=ctx_blocked, kernel=ctx_kernel)
         x = self.feed_forward(mid + x)
         return constrain(x, ("batch", "length", "act_embed")), probs
 
@@ -457,8 +487,17 @@ class PalmModule(nn.Module):
         self_blocked = causal[None, None] | (tgt == self.config.decoder_padding_idx)[:, None, None, :]
         ctx_blocked = self.context_blocked(src_ids)
         probs = None
-        for layer, kv in zip(self.decoder.layers, self.memory_kvs(memory)):
-            x, probs = layer(x, kv, ctx_blocked, self_blocked=self_blocked)
+        pad = self.config.decoder_padding_idx
+        kernel = self.config.attention_impl == "pallas"
+        n = len(self.decoder.layers)
+        for i, (layer, kv) in enumerate(zip(self.decoder.layers, self.memory_kvs(memory))):
+            kw = {}
+            if kernel:
+                # causal OR key == PAD (self), source id == PAD (context); the last layer's context
+                # attention stays on XLA: its probabilities are the last_context_attn output
+                kw["self_kernel"] = {"causal": True, "key_mask": tgt != pad}
+                kw["ctx_kernel"] = {"key_mask": src_ids != pad} if i < n - 1 else None
+            x, probs = layer(x, kv, ctx_blocked, self_blocked=self_blocked, **kw)
         return self.decoder.layer_norm(x), probs
 
     def decode_step(self, tokens, index, pe_row, cache, memory_kvs, ctx_blocked):
@@ -473,6 +512,13 @@ class PalmModule(nn.Module):
         M = cache[0][0].shape[2]
         invalid = (jnp.arange(M) > index)[None, None, None, :]  # cache slots not written yet
         is_pad = (tokens == c.decoder_padding_idx).reshape(B * K)[:, None, None, None]
+        self_kernel = ctx_kernel = None
+        if c.attention_impl == "pallas":
+            # one query per row: the written slots are a key mask; a row whose current token is PAD attends
+            # uniformly over them (the original's -1e18 on every written key), computed beside the kernel
+            written = jnp.broadcast_to(jnp.arange(M)[None, :] <= index, (B * K, M))
+            self_kernel = {"key_mask": written, "uniform_rows": is_pad[:, :, 0, 0], "uniform_keys": written}
+            ctx_kernel = {"key_mask": ~ctx_blocked[:, 0, 0, :]}
         new_cache = []
         for layer, (kc, vc), mkv in zip(self.decoder.layers, cache, memory_kvs):
             a = layer.layer_norm_1(x)
@@ -483,9 +529,9 @@ class PalmModule(nn.Module):
             # self-attention row by row: fold the beams into the batch, one query each
             q_in = a.reshape(B * K, 1, -1)
             flat = lambda t: t.reshape((B * K,) + t.shape[2:])
-            out, _ = layer.self_attn(q_in, (flat(kc), flat(vc)), blocked=is_pad, invalid=invalid)
+            out, _ = layer.self_attn(q_in, (flat(kc), flat(vc)), blocked=is_pad, invalid=invalid, kernel=self_kernel)
             x = out.reshape(B, K, -1) + x
-            mid, _ = layer.context_attn(layer.layer_norm_2(x), mkv, blocked=ctx_blocked)
+            mid, _ = layer.context_attn(layer.layer_norm_2(x), mkv, blocked=ctx_blocked, kernel=ctx_kernel)
             x = layer.feed_forward(mid + x)
         h = self.decoder.layer_norm(x)
         return self.generator(h), new_cache
