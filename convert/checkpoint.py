@@ -16,7 +16,7 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from .torch_pickle import CheckpointError, LazyTensor, flatten_state_dict, read_torch_zip
+from .torch_pickle import CheckpointError, flatten_state_dict, read_torch_zip
 
 __all__ = ["open_checkpoint", "StateDict", "SafetensorsTensor", "find_weights", "WEIGHT_FILES"]
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
 
 from .checkpoint import WEIGHT_FILES, open_checkpoint
 from .keymap import match_keys
-from .writers import ExportTensor, write_safetensors, write_torch_zip
+from .writers import ExportTensor, atomic_folder, write_safetensors, write_torch_zip
 
 __all__ = ["convert_checkpoint", "plan_conversion"]
 
@@ -103,10 +102,7 @@ def convert_checkpoint(
     log(f"{report['family']}: {len(sd)} tensors in {', '.join(os.path.basename(f) for f in sd.files)}; "
         f"{len([t for t in tensors.values() if t.alias_of is None])} mapped, {len(report['aliases'])} tied aliases, "
         f"{len(report['dropped'])} ignored by the original too")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lmzoo-tmp-", dir=parent)
-    try:
+    with atomic_folder(dst) as tmp:
         _copy_side_files(src, tmp)
         from lmzoo.modeling import LMZOO_MARKER
 
@@ -114,8 +110,7 @@ def convert_checkpoint(
             from lmzoo.modeling import from_pretrained
 
             model = from_pretrained(src)
-            shutil.rmtree(tmp)
-            model.save_pretrained(tmp, format="orbax", dtype=dtype)
+            model.save_pretrained(tmp, format="orbax", dtype=dtype)  # replaces tmp's contents
             _copy_side_files(src, tmp, keep_existing=True)
         else:
             step = (lambda k: progress(k, tensors[k].nbytes)) if progress else None
@@ -125,16 +120,6 @@ def convert_checkpoint(
                 write_torch_zip(os.path.join(tmp, "pytorch_model.bin"), tensors, progress=step)
             with open(os.path.join(tmp, LMZOO_MARKER), "w") as f:
                 json.dump({"family": report["family"], "format": format, "class": cls.__name__}, f, indent=2)
-        if os.path.exists(dst):
-            old = tempfile.mkdtemp(prefix=".lmzoo-old-", dir=parent)
-            os.rename(dst, os.path.join(old, "x"))
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report["tensors"] = len(tensors)
     report["bytes"] = int(sum(t.nbytes for t in tensors.values() if t.alias_of is None))
     return report

@@ -16,7 +16,7 @@ import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np

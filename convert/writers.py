@@ -7,18 +7,21 @@ before the next one is touched, and tied tensors share one storage (torch) or ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 import zipfile
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
 
 from .keymap import KeyMap, flatten_tree
 
-__all__ = ["export_tensors", "write_torch_zip", "write_safetensors", "write_orbax", "read_orbax", "ExportTensor"]
+__all__ = ["atomic_folder", "export_tensors", "write_torch_zip", "write_safetensors", "write_orbax", "read_orbax", "ExportTensor"]
 
 _TORCH_STORAGE = {
     np.dtype(np.float64): "DoubleStorage",
@@ -44,6 +47,30 @@ _ST_DTYPE = {
     np.dtype(np.uint8): "U8",
     np.dtype(np.bool_): "BOOL",
 }
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary folder next to ``dst``; on success it replaces ``dst``, on error it is removed.
+
+    Readers never see a half-written ``dst``: it is either the old folder, or the new one complete.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".lmzoo-tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(dst):
+            old = tempfile.mkdtemp(prefix=".lmzoo-old-", dir=parent)
+            os.rename(dst, os.path.join(old, "x"))
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class ExportTensor:

@@ -7,14 +7,11 @@ original checkpoints, placing params on a mesh, jit caching, export in three for
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import json
 import os
-import shutil
-import tempfile
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -274,10 +271,7 @@ class PretrainedModel:
         out_dir = os.path.abspath(os.fspath(out_dir))
         if format not in ("orbax", "safetensors", "pytorch"):
             raise ValueError(f"format must be 'orbax', 'safetensors' or 'pytorch', got {format!r}")
-        parent = os.path.dirname(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".lmzoo-tmp-", dir=parent)
-        try:
+        with writers.atomic_folder(out_dir) as tmp:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(self.export_config(), f, indent=2, sort_keys=True)
                 f.write("\n")
@@ -300,16 +294,6 @@ class PretrainedModel:
                     writers.write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, progress=progress)
                 else:
                     writers.write_torch_zip(os.path.join(tmp, "pytorch_model.bin"), tensors, progress=progress)
-            if os.path.exists(out_dir):
-                old = tempfile.mkdtemp(prefix=".lmzoo-old-", dir=parent)
-                os.rename(out_dir, os.path.join(old, "x"))
-                os.rename(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out_dir
 
 

@@ -9,12 +9,11 @@ from d_model (LongLM-large).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .configuration import ConfigError, ModelConfig
 from .attention import attend
@@ -261,7 +260,6 @@ class T5Module(nn.Module):
 
     def decode_step(self, tokens, index, cache, cross_kvs, cross_mask):
         """One decoding step for every row: tokens [N], index = position; cache: per-block (k, v) [N,S,H,Dk]."""
-        c = self.config
         y = self.shared(tokens[:, None])
         self_attn = self.decoder.self_attention_args(q_offset=index)
         new_cache = []
