@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("-v", "--verbose", action="store_true", help="list every mapped key and the keys dropped")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--config", default=None,
+                   help="config.json to use when SRC has none: GLM Megatron model-parallel shards "
+                   "(mp_rank_XX_model_states.pt) are merged one tensor at a time")
     lsg = p.add_argument_group("--to-lsg: turn a BART checkpoint into an LSG-BART one for long inputs")
     lsg.add_argument("--to-lsg", action="store_true", help="extend positions by tiling, add global tokens, write LSG config keys")
     lsg.add_argument("--max-length", type=int, default=16384, help="new max_position_embeddings (default 16384)")
@@ -39,6 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     lsg.add_argument("--mask-token-id", type=int, default=None, help="id of <mask> (default: read from the tokenizer files)")
     lsg.add_argument("--seed", type=int, default=123, help="seed of the global-token initialisation")
     return p
+
+
+def _megatron(args, dtype) -> int:
+    """SRC holds Megatron shards (no config.json): merge them with the GLM converter and --config."""
+    import os
+
+    from lmzoo.configuration import read_json
+    from lmzoo.convert.glm import convert_glm_checkpoint
+    from lmzoo.modeling import detect_family
+
+    hf = read_json(args.config)
+    if detect_family(hf) != "glm":
+        raise ValueError(f"{args.config}: only GLM Megatron checkpoints are merged; this config is not GLM")
+    if args.format == "orbax":
+        raise ValueError("Megatron shards are merged into the original layout: use --format safetensors or pytorch")
+    if os.path.exists(args.dst) and not args.overwrite:
+        raise FileExistsError(f"{args.dst} already exists (pass --overwrite to replace it)")
+    out = convert_glm_checkpoint(args.src, args.dst, hf, format=args.format, dtype=args.dtype)
+    print(f"wrote {out} (GLM, merged Megatron shards, {args.format})")
+    return 0
 
 
 def _to_lsg(args) -> int:
@@ -80,6 +103,12 @@ def main(argv=None) -> int:
     try:
         if args.to_lsg:
             return _to_lsg(args)
+        import os
+
+        if args.config is not None or not os.path.exists(os.path.join(args.src, "config.json")):
+            if args.config is None:
+                raise ValueError(f"{args.src}: no config.json; pass --config (GLM Megatron shards need one)")
+            return _megatron(args, dtype)
         _, _, _, tensors, plan = plan_conversion(args.src, dtype=dtype)
         total = sum(t.nbytes for t in tensors.values() if t.alias_of is None)
         if not args.quiet:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -314,10 +313,7 @@ def bart_to_lsg(
     for alias, target in keymap.aliases.items():
         tensors[alias] = writers.ExportTensor(tensors[target].shape, tensors[target].dtype, tensors[target].get, alias_of=target)
 
-    parent = os.path.dirname(dst_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lmzoo-tmp-", dir=parent)
-    try:
+    with writers.atomic_folder(dst_dir) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(new_hf, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -335,14 +331,4 @@ def bart_to_lsg(
             data["model_max_length"] = int(max_length)
             with open(tc, "w") as f:
                 json.dump(data, f, indent=2)
-        if os.path.exists(dst_dir):
-            old = tempfile.mkdtemp(prefix=".lmzoo-old-", dir=parent)
-            os.rename(dst_dir, os.path.join(old, "x"))
-            os.rename(tmp, dst_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst_dir

@@ -157,3 +157,18 @@ def test_broken_checkpoints_fail_clearly(reference, tmp_path):
     os.remove(tmp_path / "mp" / "release" / "mp_rank_02_model_states.pt")
     with pytest.raises(CheckpointError, match="shard is missing"):
         open_megatron_checkpoint(tmp_path / "mp")
+
+
+def test_lmzoo_convert_cli_merges_megatron_shards(reference, tmp_path):
+    torch = require("torch")
+    from lmzoo.convert.cli import main as convert_main
+
+    model, sd, hub = reference
+    _write_megatron(torch, tmp_path / "ckpt", sd, 2)
+    (tmp_path / "config.json").write_text(json.dumps(HF))
+    assert convert_main([str(tmp_path / "ckpt"), str(tmp_path / "out"), "-q"]) == 1  # no config: a clear error
+    assert not (tmp_path / "out").exists()
+    assert convert_main([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--config", str(tmp_path / "config.json"), "-q"]) == 0
+    a = lmzoo.from_pretrained(str(tmp_path / "out"))(**_inputs()).logits
+    b = lmzoo.from_pretrained(hub)(**_inputs()).logits
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
