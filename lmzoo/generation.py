@@ -52,6 +52,7 @@ class Decoding:
     pad_input_id: Optional[int] = None  # id used to pad inputs to the bucket (default: pad_token_id)
     cache_bucket: Optional[int] = 64  # decoder positions are cached for max_length rounded up to this
     beam_rules: str = "4.46"  # "4.33": beam length penalty counts the whole prompt (decoder-only models)
+    max_positions: Optional[int] = None  # learned decoder positions: max_length may not exceed them
 
     def prompt_offset(self, prompt_len: int) -> int:
         """P in the beam length penalty ``sum_logprobs / (length - P)**lp`` (length = tokens incl. prompt)."""
@@ -508,6 +509,11 @@ def static_settings(s: GenerationSettings) -> GenerationSettings:
 
 def search(model, dec: Decoding, s: GenerationSettings, inputs: dict, S: int) -> np.ndarray:
     """Run the compiled greedy/sampling/beam program over ``inputs`` (batch-first arrays) with a cache of S."""
+    if dec.max_positions is not None and s.max_length > dec.max_positions:
+        raise ValueError(
+            f"max_length={s.max_length} exceeds the model's {dec.max_positions} learned decoder positions "
+            "(max_position_embeddings)"
+        )
     beam = s.num_beams > 1
     extra = tuple(sorted(k for k in inputs if k not in ("input_ids", "attention_mask")))
     key = ("beam" if beam else "greedy", static_settings(s), S, extra)

@@ -613,7 +613,10 @@ class BartForConditionalGeneration(PretrainedModel):
         # may share a program; LSG's result depends on the length itself (fallback, block padding, sparse
         # groups), so it keeps the exact length.
         bucket = None if c.is_lsg or c.max_position_embeddings % 32 else 32
-        return Decoding(start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=True, length_bucket=bucket)
+        return Decoding(
+            start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=True, length_bucket=bucket,
+            max_positions=c.max_position_embeddings,
+        )
 
 
 class LSGBartForConditionalGeneration(BartForConditionalGeneration):

@@ -524,3 +524,10 @@ def test_pallas_training_gradients_match_xla():
             assert max(np.abs(gp).max(), np.abs(gx).max()) <= 1e-5 * overall, key
             continue
         assert np.abs(gp - gx).max() <= 2e-5 * np.abs(gx).max() + 1e-9, (key, np.abs(gp - gx).max(), np.abs(gx).max())
+
+
+def test_generate_refuses_max_length_beyond_learned_positions():
+    model = load_case_model("bart-tiny")
+    ids = np.array([[0, 5, 6, 7, 2]])
+    with pytest.raises(ValueError, match="learned decoder positions"):
+        model.generate(ids, max_length=model.config.max_position_embeddings + 1, num_beams=1)
