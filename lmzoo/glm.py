@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import flax.struct

@@ -260,7 +260,7 @@ def lsg_attention(q, k, v, mask, *, num_global_tokens: int, block_size: int, spa
     if t <= 2 * B:  # the original's full-attention fallback
         return _dense(q, k, v, full_mask[:, None, None, :])
     check_lsg_geometry(t, B, sparse_block_size, sparsity_factor, sparsity_type)
-    nb = t // B
+    t // B
     qg, qt = q[:, :, :G], q[:, :, G:]
     kg, kt = k[:, :, :G], k[:, :, G:]
     vg, vt = v[:, :, :G], v[:, :, G:]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .configuration import GENERATION_DEFAULTS, ConfigError, ModelConfig
+from .configuration import ConfigError, ModelConfig
 from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain, dot_product_attention
 from .lsg_attention import SPARSITY_TYPES, lsg_attention, lsh_projection_shapes
 from .modeling import PretrainedModel

@@ -124,7 +124,7 @@ def _numpy_glm(params, cfg, ids, pos, sep):
     t = P["transformer"]
     ln = lambda x, p: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * p["scale"] + p["bias"]
     x = P["word_embeddings"]["embedding"][ids] + t["position_embeddings"]["embedding"][pos[:, 0]] + t["block_position_embeddings"]["embedding"][pos[:, 1]]
-    S, n, d, a = ids.shape[1], cfg.num_attention_heads, cfg.head_dim, cfg.attention_scale
+    S, _n, d, a = ids.shape[1], cfg.num_attention_heads, cfg.head_dim, cfg.attention_scale
     i = np.arange(S)
     m = ((i[None, :] < np.asarray(sep)[:, None, None]) | (i[None, :] <= i[:, None]))[:, None].astype(np.float64)
     for li in range(cfg.num_layers):

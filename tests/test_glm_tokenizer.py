@@ -3,7 +3,6 @@ at the original positions, blank whitespace handling, and blank infilling text i
 
 import json
 
-import numpy as np
 import pytest
 
 from lmzoo.glm_tokenizer import GLMTokenizer
@@ -115,7 +114,6 @@ def test_bert_wordpiece_ids(tmp_path):
 
 def test_fill_blanks_text_in_text_out(gpt2_files, tmp_path):
     """Text with blanks in, text with the blanks filled out, on a random model over the test vocabulary."""
-    import lmzoo
     from lmzoo.glm import GLMConfig, GLMForConditionalGeneration
     from lmzoo.glm_infill import fill_blanks
 

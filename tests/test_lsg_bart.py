@@ -217,7 +217,7 @@ def reference_lsg(q, k, v, token_mask, G, B, sbs, sf, stype, lsh_r=None, pre_rou
         return _attn(q, k, v, mask)
     bos = _attn(q[:, :, :G], k, v, mask)
     gk, kt, gv, vt, qt = k[:, :, :G], k[:, :, G:], v[:, :, :G], v[:, :, G:], q[:, :, G:]
-    gm, tm = mask[..., :G], mask[..., G:]
+    _gm, tm = mask[..., :G], mask[..., G:]
     nb = t // B
     parts_k, parts_v, parts_m = [np.broadcast_to(gk[:, :, None], (n, h, nb, G, d))], \
         [np.broadcast_to(gv[:, :, None], (n, h, nb, G, d))], [np.zeros((n, h, nb, G, 1))]

@@ -23,7 +23,7 @@ from lmzoo.train.data import Loader
 from lmzoo.train.loop import build_model, run
 from lmzoo.train.mesh import global_batch
 from lmzoo.train.objectives import make_objective
-from lmzoo.train.tokenizer import Vocab, load_tokenizer
+from lmzoo.train.tokenizer import load_tokenizer
 from lmzoo.train.trainer import Trainer
 
 DATA = os.path.join(os.path.dirname(__import__("lmzoo").__file__), "data")

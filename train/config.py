@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = [
     "TrainConfig",

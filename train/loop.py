@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import threading
-import time
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn

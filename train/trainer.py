@@ -11,7 +11,6 @@ so the update divides once by the global count and equals a single big batch.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn

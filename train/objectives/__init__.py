@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 

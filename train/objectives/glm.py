@@ -37,7 +37,7 @@ def make_block_data(tokens, spans, mask_ids, rng, *, sop, eop, dblock=None, bloc
     """The two-part layout for ``spans`` [(start, end)] of ``tokens`` (sorted, disjoint), each masked with
     ``mask_ids[i]``. Returns (input_ids, targets, loss_mask, position_ids, block_position_ids, sep)."""
     tokens = list(tokens)
-    a_ids, a_pos, mask_pos, pos = [], [], [], 0
+    a_ids, _a_pos, mask_pos, pos = [], [], [], 0
     for (s, e), m in zip(spans, mask_ids):
         a_ids += tokens[pos:s]
         mask_pos.append(len(a_ids))
