@@ -48,7 +48,6 @@ def membw_gbs() -> float:
 
 def main():
     args = parse()
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}")
     import numpy as np
     import torch
     import transformers
