@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import attend
 from .configuration import ConfigError, ModelConfig
-from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain, dot_product_attention
+from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain
 from .lsg_attention import SPARSITY_TYPES, lsg_attention, lsh_projection_shapes
 from .modeling import PretrainedModel
 from .outputs import Seq2SeqLMOutput
@@ -229,11 +230,16 @@ class BartAttention(nn.Module):
     def merge(self, ctx):
         return self.out_proj(ctx.reshape(ctx.shape[:-2] + (self.config.d_model,)))
 
-    def __call__(self, x, kv=None, *, mask=None):
-        """Dense attention (BartAttention, eager): q scaled by head_dim**-0.5; kv precomputed or from x."""
+    def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0):
+        """Dense attention (BartAttention, eager): q scaled by head_dim**-0.5; kv precomputed or from x.
+
+        key_mask [B, Lk] (1 = visible), causal with queries at q_offset + i; masked scores get the float32
+        minimum added, as transformers does. ``attention_impl`` picks XLA or the block-sparse kernel.
+        """
         q = constrain(self.heads(self.q_proj(x)), ("batch", "length", "act_heads", "kv"))
         k, v = kv if kv is not None else self.project_kv(x)
-        ctx, _ = dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5, dtype=self.config.compute_dtype)
+        ctx = attend(q, k, v, impl=self.config.attention_impl, scale=self.head_dim**-0.5, key_mask=key_mask,
+                     causal=causal, q_offset=q_offset, dtype=self.config.compute_dtype)
         return self.merge(ctx)
 
 
@@ -281,7 +287,7 @@ class EncoderLayer(nn.Module):
         if self.config.is_lsg:
             h = self.self_attn(x, token_mask=token_mask, lsh_projections=lsh_projections)
         else:
-            h = self.self_attn(x, mask=mask)
+            h = self.self_attn(x, key_mask=mask)
         x = self.self_attn_layer_norm(x + h)
         x = self.final_layer_norm(x + self.ffn(x))
         return constrain(_clamp_fp16(x), ("batch", "length", "act_embed"))
@@ -300,9 +306,9 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(c, c.decoder_ffn_dim)
         self.final_layer_norm = LayerNorm(**ln)
 
-    def __call__(self, y, *, self_kv=None, self_mask=None, cross_kv, cross_mask=None):
-        y = self.self_attn_layer_norm(y + self.self_attn(y, self_kv, mask=self_mask))
-        y = self.encoder_attn_layer_norm(y + self.encoder_attn(y, cross_kv, mask=cross_mask))
+    def __call__(self, y, *, self_kv=None, self_attn: dict, cross_kv, cross_mask=None):
+        y = self.self_attn_layer_norm(y + self.self_attn(y, self_kv, **self_attn))
+        y = self.encoder_attn_layer_norm(y + self.encoder_attn(y, cross_kv, key_mask=cross_mask))
         y = self.final_layer_norm(y + self.ffn(y))
         return constrain(y, ("batch", "length", "act_embed"))
 
@@ -338,9 +344,8 @@ class Encoder(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x, token_mask=token_mask, lsh_projections=None if lsh_projections is None else lsh_projections[i])
         else:
-            m = mask[:, None, None, :].astype(bool)
             for layer in self.layers:
-                x = layer(x, mask=m)
+                x = layer(x, mask=mask)
         return x
 
 
@@ -357,10 +362,10 @@ class Decoder(nn.Module):
         y = y + self.embed_positions(positions + POSITION_OFFSET)[None]
         return constrain(self.layernorm_embedding(y), ("batch", "length", "act_embed"))
 
-    def __call__(self, y, cross_kvs, *, self_mask, cross_mask):
+    def __call__(self, y, cross_kvs, *, self_attn: dict, cross_mask):
         y = self.embed(y, jnp.arange(y.shape[1]))
         for layer, kv in zip(self.layers, cross_kvs):
-            y = layer(y, self_mask=self_mask, cross_kv=kv, cross_mask=cross_mask)
+            y = layer(y, self_attn=self_attn, cross_kv=kv, cross_mask=cross_mask)
         return y
 
 
@@ -449,12 +454,8 @@ class BartModule(nn.Module):
         T = y.shape[1]
         if T > c.max_position_embeddings:
             raise ValueError(f"decoder input of {T} tokens exceeds max_position_embeddings={c.max_position_embeddings}")
-        pos = jnp.arange(T)
-        self_mask = (pos[None, :] <= pos[:, None])[None, None]
-        if decoder_attention_mask is not None:
-            self_mask = self_mask & decoder_attention_mask[:, None, None, :].astype(bool)
-        cm = None if cross_mask is None else cross_mask[:, None, None, :].astype(bool)
-        h = self.decoder(y, self.cross_kvs(encoder_hidden), self_mask=self_mask, cross_mask=cm)
+        h = self.decoder(y, self.cross_kvs(encoder_hidden), self_attn=dict(key_mask=decoder_attention_mask, causal=True),
+                         cross_mask=cross_mask)
         return self.lm_logits(h)
 
     def decode_step(self, tokens, index, cache, cross_kvs, cross_mask):
@@ -462,15 +463,14 @@ class BartModule(nn.Module):
         c = self.config
         y = self.shared(tokens[:, None]) * jnp.asarray(c.embed_scale, c.compute_dtype)
         y = self.decoder.embed(y, jnp.reshape(index, (1,)))
-        S = cache[0][0].shape[1]
-        self_mask = (jnp.arange(S) <= index)[None, None, None, :]
         new_cache = []
         for i, layer in enumerate(self.decoder.layers):
             k, v = layer.self_attn.project_kv(y)
             kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k.astype(cache[i][0].dtype), index, axis=1)
             vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v.astype(cache[i][1].dtype), index, axis=1)
             new_cache.append((kc, vc))
-            y = layer(y, self_kv=(kc, vc), self_mask=self_mask, cross_kv=cross_kvs[i], cross_mask=cross_mask)
+            y = layer(y, self_kv=(kc, vc), self_attn=dict(causal=True, q_offset=index), cross_kv=cross_kvs[i],
+                      cross_mask=cross_mask)
         return self.lm_logits(y)[:, 0].astype(jnp.float32), new_cache
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None):
@@ -602,7 +602,7 @@ class BartForConditionalGeneration(PretrainedModel):
             n = ids.shape[0]
             z = jnp.zeros((n, max_len, c.decoder_attention_heads, hd), c.compute_dtype)
             cache = [(z, z) for _ in range(c.decoder_layers)]
-            static = {"cross": kvs, "cross_mask": cross[:, None, None, :].astype(bool)}
+            static = {"cross": kvs, "cross_mask": cross}
             return static, cache
 
         def step(params, static, cache, tokens, index):

@@ -58,9 +58,10 @@ def test_generate_matches_original(name):
         np.testing.assert_array_equal(got, want, err_msg=f"{name} record {i} ({r['kwargs']})")
 
 
-@pytest.mark.parametrize("name", ["lsg-bart-norm", "lsg-bart-pooling", "lsg-bart-block_stride"])
+@pytest.mark.parametrize("name", ["bart-tiny", "lsg-bart-norm", "lsg-bart-pooling", "lsg-bart-block_stride"])
 def test_pallas_path_matches_original(name):
-    """attention_impl="pallas": the LSG layout on the block-sparse kernel (interpret mode on CPU)."""
+    """attention_impl="pallas": the LSG layout, and BART's dense encoder / decoder / cross attention, on the
+    block-sparse kernel (interpret mode on CPU)."""
     model = load_case_model(name, "pallas")
     out = model(**load_npz(name))
     for key, want in load_npz(name, "outputs.npz").items():
@@ -531,3 +532,11 @@ def test_generate_refuses_max_length_beyond_learned_positions():
     ids = np.array([[0, 5, 6, 7, 2]])
     with pytest.raises(ValueError, match="learned decoder positions"):
         model.generate(ids, max_length=model.config.max_position_embeddings + 1, num_beams=1)
+
+
+def test_pallas_beam_generation_matches_original():
+    """The decoder's KV-cache step (causal with a traced query offset) and cross-attention on the kernel."""
+    model = load_case_model("bart-tiny", "pallas")
+    r = load_generate_records("bart-tiny")[1]  # beam 2, no_repeat_ngram_size 3, forced bos/eos, min_length
+    got = model.generate(np.array(r["input_ids"]), attention_mask=np.array(r["attention_mask"]), **r["kwargs"])
+    np.testing.assert_array_equal(got, np.array(r["output_ids"]))
