@@ -241,6 +241,19 @@ def _dense(q, k, v, mask):
     return _softmax_attend(q, k, v, mask, "nhqd,nhkd->nhqk", "nhqk,nhkd->nhqd")
 
 
+def _dense_impl(q, k, v, full_mask, impl: str):
+    """Dense attention of q over all keys with an additive key mask [n, Lk]: XLA, or the block-sparse kernel
+    (dense layout) for ``impl="pallas"`` (global-token queries and the short-input fallback)."""
+    if impl != "pallas":
+        return _dense(q, k, v, full_mask[:, None, None, :])
+    from .attention import attend
+
+    sw = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [n,H,L,d] <-> [n,L,H,d]
+    out = attend(sw(q), sw(k), sw(v), impl="pallas", scale=1.0 / math.sqrt(q.shape[-1]),
+                 key_mask=(full_mask == 0).astype(jnp.int32), dtype=q.dtype)
+    return sw(out)
+
+
 def lsg_attention(q, k, v, mask, *, num_global_tokens: int, block_size: int, sparse_block_size: int,
                   sparsity_factor: int, sparsity_type: Optional[str], lsh_projections=None, lsh_num_pre_rounds: int = 1,
                   impl: str = "xla", mask_dtype=jnp.float32):
@@ -258,13 +271,12 @@ def lsg_attention(q, k, v, mask, *, num_global_tokens: int, block_size: int, spa
     mask = mask.astype(jnp.float32)
     full_mask = jnp.concatenate([jnp.zeros((n, G), jnp.float32), mask], axis=1)
     if t <= 2 * B:  # the original's full-attention fallback
-        return _dense(q, k, v, full_mask[:, None, None, :])
+        return _dense_impl(q, k, v, full_mask, impl)
     check_lsg_geometry(t, B, sparse_block_size, sparsity_factor, sparsity_type)
-    t // B
     qg, qt = q[:, :, :G], q[:, :, G:]
     kg, kt = k[:, :, :G], k[:, :, G:]
     vg, vt = v[:, :, :G], v[:, :, G:]
-    ctx_g = _dense(qg, k, v, full_mask[:, None, None, :])
+    ctx_g = _dense_impl(qg, k, v, full_mask, impl)
 
     sparse = None
     if _has_sparse(sparse_block_size, sparsity_factor, sparsity_type):

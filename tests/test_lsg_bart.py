@@ -58,7 +58,7 @@ def test_generate_matches_original(name):
         np.testing.assert_array_equal(got, want, err_msg=f"{name} record {i} ({r['kwargs']})")
 
 
-@pytest.mark.parametrize("name", ["bart-tiny", "lsg-bart-norm", "lsg-bart-pooling", "lsg-bart-block_stride"])
+@pytest.mark.parametrize("name", ["bart-tiny", "lsg-bart-norm", "lsg-bart-pooling", "lsg-bart-block_stride", "lsg-bart-short"])
 def test_pallas_path_matches_original(name):
     """attention_impl="pallas": the LSG layout, and BART's dense encoder / decoder / cross attention, on the
     block-sparse kernel (interpret mode on CPU)."""
