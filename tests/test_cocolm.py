@@ -26,18 +26,6 @@ from .parity import assert_close, case_dir, cases, load_npz
 CASES = cases(("cocolm",))
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = lmzoo.from_pretrained(case_dir(name))
-        return cache[name]
-
-    return get
-
-
 def _outputs(name):
     return load_npz(name, "outputs.npz")
 

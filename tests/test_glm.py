@@ -17,18 +17,6 @@ from .parity import assert_close, case_dir, cases, load_generate_records, load_n
 GLM_CASES = cases(("glm-",))
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = lmzoo.from_pretrained(case_dir(name))
-        return cache[name]
-
-    return get
-
-
 def test_cases_present():
     assert {"glm-blank", "glm-4dmask", "glm-causal", "glm-incremental"} <= set(GLM_CASES)
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import lmzoo
-import lmzoo.kernels.block_sparse_attention as bsa
 from lmzoo.glm import GLMConfig, GLMModule, attention_mask_spec, build_attention_mask, factor_mask
 from lmzoo.glm_infill import multiple_choice_layout
 
@@ -21,35 +20,9 @@ from .parity import assert_close, case_dir, cases, load_generate_records, load_n
 GLM_CASES = cases(("glm-",))
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = lmzoo.from_pretrained(case_dir(name), attention_impl="pallas")
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the kernel's calls (at trace time) so a test knows the attention really ran on it."""
-    calls = []
-    real = bsa.block_sparse_attention
-
-    def counting(*a, **kw):
-        calls.append(kw)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(bsa, "block_sparse_attention", counting)
-    return calls
-
-
 @pytest.mark.parametrize("name", GLM_CASES)
-def test_pallas_forward_matches_original(models, kernel_calls, name):
-    model = models(name)
+def test_pallas_forward_matches_original(pallas_models, kernel_calls, name):
+    model = pallas_models(name)
     assert model.config.attention_impl == "pallas"
     kernel_calls.clear()  # loading may trace the module (shapes only)
     out = model(**load_npz(name))
@@ -89,9 +62,9 @@ def test_masks_factor_into_the_kernel_rule():
     assert isinstance(attention_mask_spec(per_head, B, S, 0, "pallas"), jax.Array)  # dense: XLA
 
 
-def test_pallas_non_factoring_mask_matches_xla(models):
+def test_pallas_non_factoring_mask_matches_xla(pallas_models):
     """A block-diagonal (multiple-choice) mask falls back to the XLA path on device: same logits."""
-    model = models("glm-blank")
+    model = pallas_models("glm-blank")
     xla = lmzoo.from_pretrained(case_dir("glm-blank"))
     lay = multiple_choice_layout([[10, 11, 12, 259, 13]], [[[20, 21], [22]]], mask_ids=[259], sop_id=256, pad_id=255)
     inputs = {k: lay[k] for k in ("input_ids", "position_ids", "attention_mask")}
@@ -99,10 +72,10 @@ def test_pallas_non_factoring_mask_matches_xla(models):
     assert_close(model(**inputs).logits, xla(**inputs).logits, name="block-diagonal", atol=1e-5, rtol=1e-5)
 
 
-def test_pallas_generate_is_token_exact(models, kernel_calls):
+def test_pallas_generate_is_token_exact(pallas_models, kernel_calls):
     """The HF-layout greedy record: prompt through the kernel (its generation mask factors), every
     decoding step through the kernel with the mask row as a key mask."""
-    model = models("glm-blank")
+    model = pallas_models("glm-blank")
     rec = load_generate_records("glm-blank")[0]
     assert rec["kwargs"].get("num_beams", 1) == 1 and "output_ids" in rec
     gm = np.array(rec["generation_attention_mask"])

@@ -11,45 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import lmzoo
-import lmzoo.kernels.block_sparse_attention as bsa
 from lmzoo.palm import BertEncoderConfig, PalmConfig, PalmModule, label_smoothed_kl_sum
 
-from .parity import assert_close, case_dir, cases, load_generate_records, load_npz
+from .parity import assert_close, cases, load_generate_records, load_npz
 
 PALM_CASES = cases(("palm-",))
 FORWARD_OUTPUTS = ("logits", "log_probs", "encoder_last_hidden_state", "last_context_attn")
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = lmzoo.from_pretrained(case_dir(name), attention_impl="pallas")
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the kernel's calls (at trace time) so a test knows the attention really ran on it."""
-    calls = []
-    real = bsa.block_sparse_attention
-
-    def counting(*a, **kw):
-        calls.append(kw)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(bsa, "block_sparse_attention", counting)
-    return calls
-
-
 @pytest.mark.parametrize("case", PALM_CASES)
-def test_pallas_forward_matches_original(models, kernel_calls, case):
-    model = models(case)
+def test_pallas_forward_matches_original(pallas_models, kernel_calls, case):
+    model = pallas_models(case)
     assert model.config.attention_impl == "pallas"
     kernel_calls.clear()  # loading may trace the module (shapes only)
     out = model(**load_npz(case))
@@ -63,11 +35,11 @@ def test_pallas_forward_matches_original(models, kernel_calls, case):
     assert_close(out.loss, want["loss"], name=f"{case}/loss", atol=0.0, rtol=1e-5)
 
 
-def test_pallas_generate_is_token_exact(models, kernel_calls):
+def test_pallas_generate_is_token_exact(pallas_models, kernel_calls):
     """A beam-search record whose beams feed PAD to the decoder (the incremental PAD rule) and whose
     batch compacts: the same tokens and scores with every step's attention on the kernel."""
     case = next(c for c in PALM_CASES if load_generate_records(c))
-    model = models(case)
+    model = pallas_models(case)
     rec = next(r for r in load_generate_records(case) if r["exercised"]["pad_fed_to_decoder"] and r["kwargs"]["num_beams"] > 1)
     res = model.generate(
         np.asarray(rec["input_ids"]), attention_mask=np.asarray(rec["attention_mask"]), return_dict_in_generate=True,
