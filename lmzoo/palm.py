@@ -347,6 +347,19 @@ def presumm_attention(q, k, v, *, blocked=None, invalid=None, dtype=jnp.float32)
     return out, probs
 
 
+def cached_attention(q, k, v, *, is_pad, written, dtype=jnp.float32):
+    """The incremental self-attention of one query per row over a head-major cache, as presumm_attention
+    computes it: q [N,H,d], k/v [N,H,M,d]; a row whose current token is PAD (``is_pad`` [N]) has every
+    score replaced by -1e18, and unwritten slots (``written`` [M] False) get -inf. Returns [N,H,d]."""
+    d = q.shape[-1]
+    q = q.astype(dtype) / jnp.asarray(math.sqrt(d), dtype)
+    scores = jnp.einsum("nhd,nhmd->nhm", q, k.astype(dtype)).astype(jnp.float32)
+    scores = jnp.where(is_pad[:, None, None], jnp.float32(MASK_VALUE), scores)
+    scores = jnp.where(written, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("nhm,nhmd->nhd", probs.astype(dtype), v.astype(dtype))
+
+
 class PresummAttention(nn.Module):
     """OpenNMT ``MultiHeadedAttention``: separate query/keys/values projections and ``final_linear``."""
 
@@ -502,35 +515,40 @@ class PalmModule(nn.Module):
 
     def decode_step(self, tokens, index, pe_row, cache, memory_kvs, ctx_blocked):
         """One incremental step for rows [B,K]: tokens [B,K] at position ``index``; cache per layer
-        (k, v) [B,K,M,H,d]; memory_kvs per layer [B,S,H,d] shared by an item's K beams.
+        (k, v) [B*K,H,M,d], head-major so the step reads it without a transpose; memory_kvs per layer
+        [B,S,H,d] shared by an item's K beams.
 
         The self-attention mask follows the original's incremental rule: only the current token counts.
         """
         c = self.config
         B, K = tokens.shape
+        N, D, H = B * K, c.dec_hidden_size, c.dec_heads
         x = self.decoder.embed(tokens, pe_row[None, None])  # [B,K,D]: the K beams play the "query" axis
         M = cache[0][0].shape[2]
-        invalid = (jnp.arange(M) > index)[None, None, None, :]  # cache slots not written yet
-        is_pad = (tokens == c.decoder_padding_idx).reshape(B * K)[:, None, None, None]
+        written = jnp.arange(M) <= index  # cache slots written so far, this step's included
+        is_pad = (tokens == c.decoder_padding_idx).reshape(N)
         self_kernel = ctx_kernel = None
         if c.attention_impl == "pallas":
             # one query per row: the written slots are a key mask; a row whose current token is PAD attends
             # uniformly over them (the original's -1e18 on every written key), computed beside the kernel
-            written = jnp.broadcast_to(jnp.arange(M)[None, :] <= index, (B * K, M))
-            self_kernel = {"key_mask": written, "uniform_rows": is_pad[:, :, 0, 0], "uniform_keys": written}
+            keys = jnp.broadcast_to(written[None, :], (N, M))
+            self_kernel = {"key_mask": keys, "uniform_rows": is_pad[:, None], "uniform_keys": keys}
             ctx_kernel = {"key_mask": ~ctx_blocked[:, 0, 0, :]}
         new_cache = []
         for layer, (kc, vc), mkv in zip(self.decoder.layers, cache, memory_kvs):
+            att = layer.self_attn
             a = layer.layer_norm_1(x)
-            k, v = layer.self_attn.project_kv(a)  # [B,K,H,d]
-            kc = jax.lax.dynamic_update_slice_in_dim(kc, k[:, :, None].astype(kc.dtype), index, axis=2)
-            vc = jax.lax.dynamic_update_slice_in_dim(vc, v[:, :, None].astype(vc.dtype), index, axis=2)
+            k, v = att.project_kv(a)  # [B,K,H,d]
+            kc = jax.lax.dynamic_update_slice_in_dim(kc, k.reshape(N, H, 1, -1).astype(kc.dtype), index, axis=2)
+            vc = jax.lax.dynamic_update_slice_in_dim(vc, v.reshape(N, H, 1, -1).astype(vc.dtype), index, axis=2)
             new_cache.append((kc, vc))
-            # self-attention row by row: fold the beams into the batch, one query each
-            q_in = a.reshape(B * K, 1, -1)
-            flat = lambda t: t.reshape((B * K,) + t.shape[2:])
-            out, _ = layer.self_attn(q_in, (flat(kc), flat(vc)), blocked=is_pad, invalid=invalid, kernel=self_kernel)
-            x = out.reshape(B, K, -1) + x
+            if self_kernel is not None:  # the kernel takes keys [N, M, H, d]
+                kv = (jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vc, 1, 2))
+                out, _ = att(a.reshape(N, 1, D), kv, kernel=self_kernel)
+            else:
+                q = att.split(att.linear_query(a)).reshape(N, H, -1)
+                out = att.final_linear(cached_attention(q, kc, vc, is_pad=is_pad, written=written, dtype=c.compute_dtype).reshape(N, D))
+            x = out.reshape(B, K, D) + x
             mid, _ = layer.context_attn(layer.layer_norm_2(x), mkv, blocked=ctx_blocked, kernel=ctx_kernel)
             x = layer.feed_forward(mid + x)
         h = self.decoder.layer_norm(x)
@@ -649,7 +667,7 @@ def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids,
     ctx_blocked = (input_ids == c.decoder_padding_idx)[:, None, None, :]
     pe = jnp.asarray(sinusoid_table(M, c.dec_hidden_size))
     lps = jnp.asarray(_length_penalties(M, settings.alpha))
-    z = jnp.zeros((B, K, M, H, dh), c.compute_dtype)
+    z = jnp.zeros((B * K, H, M, dh), c.compute_dtype)
     cache = [(z, z) for _ in range(c.dec_layers)]
     pad = c.decoder_padding_idx
     seqs = jnp.full((B, K, M + 1), pad, jnp.int32).at[:, :, 0].set(start)
@@ -696,7 +714,8 @@ def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids,
         cum = top * lp  # divide-then-multiply, as the original (not an identity in float)
         take = lambda a: jnp.take_along_axis(a, origin.reshape(origin.shape + (1,) * (a.ndim - 2)), axis=1)
         seqs = take(s["seqs"]).at[:, :, step + 1].set(tok)
-        cache = [(take(kc), take(vc)) for kc, vc in cache]
+        rows = (jnp.arange(B)[:, None] * K + origin).reshape(B * K)  # the beam each new row continues
+        cache = [(kc[rows], vc[rows]) for kc, vc in cache]
 
         last = step + 1 == max_length
         finished = (tok == eos) | last
