@@ -1,10 +1,28 @@
-"""LSG (Local + Sparse + Global) encoder self-attention, as ``LSGBartEncoderSelfAttention`` computes it.
+"""LSG (Local + Sparse + Global) encoder self-attention, as ``LSGBartEncoderSelfAttention`` computes it,
+plus the relative-position bias of the encoders that have one (COCO-LM, T5/LongLM).
 
 Queries, keys and values are ``[n, H, T, dh]`` with ``T = G + t``: the first G rows are the learned global
 tokens, the rest the (block-padded) token part. Global queries attend to everything; token query block i
 (tokens ``[iB, (i+1)B)``) attends, under one softmax, to the G global keys, the sparse keys around its
 window (§1.8 of the spec) and the local window ``[(i-1)B, (i+2)B)``. Short inputs (``t <= 2B``) fall back
 to dense attention over all ``G + t`` tokens, as the original does.
+
+Relative-position bias (``bias_table`` [num_buckets, H] + ``bucket_fn`` of ``rel = key_pos - query_pos``,
+the factored form of :func:`lmzoo.attention.attend`). The LSG authors' encoders have absolute positions
+only, so they never had to place a bias; here every key gets the bias of an exact position in one
+coordinate system:
+
+* token j sits at position j; the G globals sit at positions ``-G .. -1``, i.e. they are a prefix of the
+  sequence. In the short-input fallback the LSG encoder is therefore exactly the source encoder run on
+  the sequence ``[globals; tokens]`` (globals as ordinary leading rows), bias included;
+* local keys: the exact distance ``j - i``;
+* sparse keys: the position of the token a key stands for: the selected token itself for ``norm``,
+  ``stride`` and ``block_stride``; the middle of its group, rounded down, for the pooled kinds
+  (``pooling`` / ``bos_pooling``: ``g*sf + (sf-1)//2``; ``lsh``: ``g*bs + (bs-1)//2`` of its group of
+  ``bs = min(block_size, sparse_block_size)`` tokens). Sparse keys lie beyond the local window, so with
+  the released bucket settings (T5: 128, COCO-LM: 128 / 256) and blocks of 128+ tokens they mostly fall
+  in the saturated far buckets, where any position inside a group gives the same bias;
+* global queries use the same positions (a global at ``g - G`` sees token j at distance ``j - g + G``).
 
 Everything is gathered with static index tables, so no ``t x t`` array is ever built. Two
 implementations compute the same function: ``impl="xla"`` (einsums over gathered blocks) and
@@ -13,30 +31,140 @@ and the sparse keys as per-block extra keys).
 
 Masks are additive float32 arrays holding 0 or ``MIN`` (the float32 minimum), as in the original; a
 masked score is ``s + MIN == MIN`` exactly in float32, and no row is fully masked (globals never are).
+With a relative bias, ``impl="pallas"`` runs local + global attention (``sparsity_type`` "none") on the
+kernel (globals as a key prefix at positions ``-G .. -1``, so the kernel's own bias covers them); the
+kernel has no per-query bias for the sparse keys, so a sparse part with a bias is refused there.
+
+:class:`LSGFields` holds the LSG config keys (the LSG authors' names, defaults and validation) for the
+configs of the families that switch LSG on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Optional, Sequence
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .configuration import ConfigError
+
 __all__ = [
     "SPARSITY_TYPES",
     "MIN",
+    "LSG_CONFIG_KEYS",
+    "LSGFields",
+    "has_lsg_keys",
     "lsg_attention",
     "sparse_window_indices",
     "sparse_tokens",
     "lsh_projection_shapes",
+    "draw_lsh_projections",
     "check_lsg_geometry",
 ]
 
 SPARSITY_TYPES = (None, "none", "norm", "lsh", "pooling", "stride", "block_stride", "bos_pooling")
 MIN = float(np.finfo(np.float32).min)
+
+# The config.json keys the LSG authors write (their LSG*Config defaults below).
+LSG_CONFIG_KEYS = ("adaptive", "block_size", "lsh_num_pre_rounds", "mask_first_token", "num_global_tokens",
+                   "pool_with_global", "sparse_block_size", "sparsity_factor", "sparsity_type")
+
+
+def has_lsg_keys(hf: Mapping[str, Any]) -> bool:
+    """Whether a config.json switches LSG attention on (it names block_size and sparsity_type)."""
+    return all(k in hf for k in ("block_size", "sparsity_type"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSGFields:
+    """The LSG config keys with the LSG authors' defaults and ``__init__`` validation; a family's LSG config
+    is ``class LSGXConfig(LSGFields, XConfig)`` and names its head count in ``lsg_num_heads`` and whether it
+    has a relative-position bias in ``lsg_relative_bias``."""
+
+    adaptive: bool = True
+    block_size: int = 128
+    lsh_num_pre_rounds: int = 1
+    mask_first_token: bool = False
+    num_global_tokens: int = 1
+    pool_with_global: bool = True
+    sparse_block_size: int = 128
+    sparsity_factor: int = 2
+    sparsity_type: Optional[str] = "norm"
+
+    def __post_init__(self):
+        super().__post_init__()
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.sparsity_type not in SPARSITY_TYPES:
+            warnings.warn(f"sparsity_type {self.sparsity_type!r} not in {SPARSITY_TYPES}: sparse attention is skipped "
+                          "(as the original does)")
+            set_("sparsity_type", None)
+        if self.num_global_tokens < 1:
+            warnings.warn("num_global_tokens < 1 is not compatible, setting num_global_tokens=1")
+            set_("num_global_tokens", 1)
+        elif self.num_global_tokens > 512:
+            warnings.warn("num_global_tokens > 512 is not allowed, setting num_global_tokens=512")
+            set_("num_global_tokens", 512)
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        if self.sparse_block_size < 0 or self.sparsity_factor < 0:
+            raise ConfigError("sparse_block_size and sparsity_factor must be >= 0")
+        if self.sparsity_factor > 0 and self.block_size % self.sparsity_factor:
+            raise ConfigError(f"block_size={self.block_size} must be a multiple of sparsity_factor={self.sparsity_factor}")
+        if self.sparsity_type in ("stride", "block_stride") and self.sparsity_factor > self.lsg_num_heads:
+            warnings.warn("sparsity_factor > num_attention_heads is not recommended for stride/block_stride sparsity")
+        if self.mask_first_token and not self.pool_with_global:
+            warnings.warn("pool_with_global=False is not compatible with mask_first_token=True; setting pool_with_global=True")
+            set_("pool_with_global", True)
+        if self.attention_impl == "pallas" and self.lsg_relative_bias and self.lsg_has_sparse:
+            raise ConfigError(
+                f"attention_impl='pallas' runs LSG attention with a relative-position bias for the local and global "
+                f"keys only; sparsity_type={self.sparsity_type!r} adds sparse keys whose bias the kernel cannot add: "
+                "use attention_impl='xla', or sparsity_type='none'"
+            )
+
+    @property
+    def is_lsg(self) -> bool:
+        return True
+
+    @property
+    def lsg_has_sparse(self) -> bool:
+        return _has_sparse(self.sparse_block_size, self.sparsity_factor, self.sparsity_type)
+
+    @property
+    def lsg_uses_lsh_projections(self) -> bool:
+        """lsh draws random projections unless it reduces to bos_pooling (sf == sparse_block_size) or sf == 1."""
+        return self.lsg_has_sparse and self.sparsity_type == "lsh" and self.sparsity_factor > 1 \
+            and self.sparsity_factor != self.sparse_block_size
+
+    @property
+    def lsg_num_heads(self) -> int:  # pragma: no cover - each family names it
+        raise NotImplementedError
+
+    @property
+    def lsg_relative_bias(self) -> bool:
+        return False
+
+    def lsg_attention_kwargs(self) -> dict:
+        """The keyword arguments of :func:`lsg_attention` this config sets."""
+        return dict(num_global_tokens=self.num_global_tokens, block_size=self.block_size,
+                    sparse_block_size=self.sparse_block_size, sparsity_factor=self.sparsity_factor,
+                    sparsity_type=self.sparsity_type, lsh_num_pre_rounds=self.lsh_num_pre_rounds,
+                    impl=self.attention_impl, mask_dtype=self.compute_dtype)
+
+    def lsg_padded_length(self, t: int) -> int:
+        """The token count the encoder runs on: t, or t right-padded to a block multiple (``adaptive``)
+        when the block path runs (t > 2 * block_size)."""
+        B = self.block_size
+        if t <= 2 * B or t % B == 0:
+            return t
+        if not self.adaptive:
+            raise ValueError(f"input length {t} is not a multiple of block_size={B} and adaptive=False")
+        return -(-t // B) * B
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,6 +245,21 @@ def lsh_projection_shapes(heads: int, head_dim: int, block_size: int, sparse_blo
     return [(1, heads, 1, head_dim, s // 2) for s in sizes]
 
 
+def draw_lsh_projections(key, num_layers: int, *, heads: int, head_dim: int, block_size: int, sparse_block_size: int,
+                         sparsity_factor: int, num_pre_rounds: int) -> list[list[jax.Array]]:
+    """Per-layer lists of the random matrices an lsh encoder draws on each forward, from a jax PRNG key
+    (layer i uses ``fold_in(key, i)``, as LSG-BART does)."""
+    if key is None:
+        raise ValueError("this LSG model uses sparsity_type='lsh', which draws random projections on every "
+                         "forward: pass lsh_key=jax.random.key(seed)")
+    shapes = lsh_projection_shapes(heads, head_dim, block_size, sparse_block_size, sparsity_factor, num_pre_rounds)
+    out = []
+    for i in range(num_layers):
+        keys = jax.random.split(jax.random.fold_in(key, i), len(shapes))
+        out.append([jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Sparse token selection (get_sparse_elements)
 # ----------------------------------------------------------------------------------------------------
@@ -129,15 +272,26 @@ def _gather_tokens(x, idx):
 
 def sparse_tokens(q, k, v, mask, *, block_size: int, sparse_block_size: int, sparsity_factor: int,
                   sparsity_type: str, lsh_projections: Optional[Sequence[jax.Array]] = None,
-                  lsh_num_pre_rounds: int = 1, mask_dtype=jnp.float32):
+                  lsh_num_pre_rounds: int = 1, mask_dtype=jnp.float32, return_positions: bool = False):
     """The sparse keys, values and additive mask of the token part: ([n,H,t/sf,d], [n,H,t/sf,d], [n,Hm,t/sf]).
 
-    q, k, v [n, H, t, d] (token part only); mask [n, t] additive (0 / MIN).
+    q, k, v [n, H, t, d] (token part only); mask [n, t] additive (0 / MIN). With ``return_positions`` a
+    fourth item gives the token position each sparse key stands for (the relative-bias rule of the module
+    docstring), int32 broadcastable to [n, H, t/sf].
     """
     n, H, t, d = k.shape
     sf = sparsity_factor
+
+    def out(ks, vs, ms, pos):
+        return (ks, vs, ms, pos) if return_positions else (ks, vs, ms)
+
+    def group_middle(size):  # one key per group of `size` consecutive tokens (or several, for lsh)
+        per = size // sf
+        g = np.arange(t // sf) // per
+        return jnp.asarray((g * size + (size - 1) // 2).astype(np.int32))[None, None]
+
     if sf == 1:
-        return k, v, mask[:, None, :]
+        return out(k, v, mask[:, None, :], jnp.arange(t, dtype=jnp.int32)[None, None])
     keep = mask == 0  # [n, t]
     if sparsity_type == "norm":
         bs = min(block_size, sparse_block_size)
@@ -149,7 +303,7 @@ def sparse_tokens(q, k, v, mask, *, block_size: int, sparse_block_size: int, spa
         ks = jnp.take_along_axis(k, idx[..., None], axis=2)
         vs = jnp.take_along_axis(v, idx[..., None], axis=2)
         ms = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], (n, H, t)), idx, axis=2)
-        return ks, vs, ms
+        return out(ks, vs, ms, idx.astype(jnp.int32))
     if sparsity_type == "pooling":
         kr = k.reshape(n, H, t // sf, sf, d)
         vr = v.reshape(n, H, t // sf, sf, d)
@@ -159,20 +313,21 @@ def sparse_tokens(q, k, v, mask, *, block_size: int, sparse_block_size: int, spa
         ks = (jnp.sum(kr * kp.astype(k.dtype), axis=3) / den).astype(k.dtype)
         vs = (jnp.sum(vr * kp.astype(v.dtype), axis=3) / den).astype(v.dtype)
         ms = (1.0 - jnp.clip(cnt, 0, 1)) * jnp.float32(MIN)
-        return ks, vs, ms[..., 0]
+        return out(ks, vs, ms[..., 0], group_middle(sf))
     if sparsity_type == "stride":
         idx = _stride_indices(t, H, sf)
         ms = mask[:, jnp.asarray(idx)]  # [n,H,t/sf]
-        return _gather_tokens(k, idx), _gather_tokens(v, idx), ms
+        return out(_gather_tokens(k, idx), _gather_tokens(v, idx), ms, jnp.asarray(idx)[None])
     if sparsity_type == "block_stride":
         idx = _block_stride_indices(t, H, block_size, sf)
-        return _gather_tokens(k, idx), _gather_tokens(v, idx), mask[:, jnp.asarray(idx)]
+        return out(_gather_tokens(k, idx), _gather_tokens(v, idx), mask[:, jnp.asarray(idx)], jnp.asarray(idx)[None])
     if sparsity_type == "bos_pooling" or (sparsity_type == "lsh" and sf == sparse_block_size):
-        return _bos_pooling(q, k, v, mask, sf, mask_dtype)
+        return out(*_bos_pooling(q, k, v, mask, sf, mask_dtype), group_middle(sf))
     if sparsity_type == "lsh":
         if lsh_projections is None:
             raise ValueError("sparsity_type='lsh' needs random projections: pass lsh_key (a jax PRNG key)")
-        return _lsh(k, v, keep, block_size, sparse_block_size, sf, lsh_projections, lsh_num_pre_rounds)
+        res = _lsh(k, v, keep, block_size, sparse_block_size, sf, lsh_projections, lsh_num_pre_rounds)
+        return out(*res, group_middle(min(block_size, sparse_block_size)))
     raise ValueError(f"unknown sparsity_type {sparsity_type!r}; expected one of {SPARSITY_TYPES}")
 
 
@@ -229,61 +384,100 @@ def _lsh(k, v, keep, block_size, sparse_block_size, sf, projections, num_pre_rou
 # ----------------------------------------------------------------------------------------------------
 
 
-def _softmax_attend(q, k, v, mask, equation_qk, equation_pv):
+def _softmax_attend(q, k, v, mask, equation_qk, equation_pv, scale=None):
     d = q.shape[-1]
-    s = jnp.einsum(equation_qk, q, k).astype(jnp.float32) / jnp.float32(math.sqrt(d))
+    s = jnp.einsum(equation_qk, q, k).astype(jnp.float32)
+    s = s / jnp.float32(math.sqrt(d)) if scale is None else s * jnp.float32(scale)
     p = jax.nn.softmax(s + mask, axis=-1)
     return jnp.einsum(equation_pv, p.astype(v.dtype), v)
 
 
-def _dense(q, k, v, mask):
+def _dense(q, k, v, mask, scale=None):
     """q [n,H,Lq,d], k/v [n,H,Lk,d], mask additive broadcastable to [n,H,Lq,Lk]."""
-    return _softmax_attend(q, k, v, mask, "nhqd,nhkd->nhqk", "nhqk,nhkd->nhqd")
+    return _softmax_attend(q, k, v, mask, "nhqd,nhkd->nhqk", "nhqk,nhkd->nhqd", scale)
 
 
-def _dense_impl(q, k, v, full_mask, impl: str):
+class _Bias(NamedTuple):
+    """A relative-position bias in factored form: table [num_buckets, H], bucket_fn(rel int32) -> rows."""
+
+    table: jax.Array
+    bucket_fn: Callable
+
+    def of(self, rel):
+        """Bias of distances rel [...] (shared by the heads): [H, ...] float32."""
+        b = jnp.take(self.table.astype(jnp.float32), self.bucket_fn(jnp.asarray(rel, jnp.int32)), axis=0)
+        return jnp.moveaxis(b, -1, 0)
+
+    def of_per_head(self, rel):
+        """Bias of distances rel [m, Hr, ...] with Hr in (1, H) (per-head distances): [m, H, ...] float32."""
+        rel = jnp.asarray(rel, jnp.int32)
+        H = self.table.shape[1]
+        heads = jnp.arange(H).reshape((1, H) + (1,) * (rel.ndim - 2))
+        return self.table.astype(jnp.float32).T[heads, self.bucket_fn(rel)]
+
+
+def _dense_impl(q, k, v, full_mask, impl: str, scale=None, bias: Optional[_Bias] = None):
     """Dense attention of q over all keys with an additive key mask [n, Lk]: XLA, or the block-sparse kernel
-    (dense layout) for ``impl="pallas"`` (global-token queries and the short-input fallback)."""
+    (dense layout) for ``impl="pallas"`` (global-token queries and the short-input fallback). Queries are
+    the first Lq rows of the sequence the keys are, so the bias distance is ``key index - query index``."""
+    Lq, Lk = q.shape[2], k.shape[2]
     if impl != "pallas":
-        return _dense(q, k, v, full_mask[:, None, None, :])
+        mask = full_mask[:, None, None, :]
+        if bias is not None:
+            mask = mask + bias.of(np.arange(Lk)[None, :] - np.arange(Lq)[:, None])[None]
+        return _dense(q, k, v, mask, scale)
     from .attention import attend
 
     sw = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [n,H,L,d] <-> [n,L,H,d]
-    out = attend(sw(q), sw(k), sw(v), impl="pallas", scale=1.0 / math.sqrt(q.shape[-1]),
-                 key_mask=(full_mask == 0).astype(jnp.int32), dtype=q.dtype)
+    out = attend(sw(q), sw(k), sw(v), impl="pallas", scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+                 key_mask=(full_mask == 0).astype(jnp.int32), dtype=q.dtype,
+                 bias_table=None if bias is None else bias.table, bucket_fn=None if bias is None else bias.bucket_fn)
     return sw(out)
 
 
 def lsg_attention(q, k, v, mask, *, num_global_tokens: int, block_size: int, sparse_block_size: int,
                   sparsity_factor: int, sparsity_type: Optional[str], lsh_projections=None, lsh_num_pre_rounds: int = 1,
-                  impl: str = "xla", mask_dtype=jnp.float32):
+                  impl: str = "xla", mask_dtype=jnp.float32, scale: Optional[float] = None, bias_table=None,
+                  bucket_fn: Optional[Callable] = None):
     """LSG self-attention context ``[n, H, G+t, dh]`` for q/k/v ``[n, H, G+t, dh]``.
 
     mask: additive float32 ``[n, t]`` (0 keep / MIN masked) over the token part; globals are never masked.
     lsh_projections: for ``sparsity_type="lsh"``, the random matrices of this layer
     (shapes from :func:`lsh_projection_shapes`), the ones the original draws with ``torch.randn``.
+    scale: multiplies ``q.k`` (default ``1/sqrt(dh)``, the LSG authors'; T5 uses 1.0).
+    bias_table [num_buckets, H] and bucket_fn (rel int32 array -> rows): a relative-position bias added to
+    the scores with the positions of the module docstring (globals at ``-G .. -1``).
     """
     if impl not in ("xla", "pallas"):
         raise ValueError(f"impl must be 'xla' or 'pallas', got {impl!r}")
+    if (bias_table is None) != (bucket_fn is None):
+        raise ValueError("bias_table and bucket_fn go together")
     n, H, T, d = q.shape
     G, B = num_global_tokens, block_size
     t = T - G
+    bias = None if bias_table is None else _Bias(bias_table, bucket_fn)
     mask = mask.astype(jnp.float32)
     full_mask = jnp.concatenate([jnp.zeros((n, G), jnp.float32), mask], axis=1)
     if t <= 2 * B:  # the original's full-attention fallback
-        return _dense_impl(q, k, v, full_mask, impl)
+        return _dense_impl(q, k, v, full_mask, impl, scale, bias)
     check_lsg_geometry(t, B, sparse_block_size, sparsity_factor, sparsity_type)
+    has_sparse = _has_sparse(sparse_block_size, sparsity_factor, sparsity_type)
+    if impl == "pallas" and bias is not None and has_sparse:
+        raise NotImplementedError(
+            f"attention_impl='pallas' cannot add the relative-position bias of LSG sparse keys "
+            f"(sparsity_type={sparsity_type!r}); use attention_impl='xla' or sparsity_type='none'"
+        )
     qg, qt = q[:, :, :G], q[:, :, G:]
     kg, kt = k[:, :, :G], k[:, :, G:]
     vg, vt = v[:, :, :G], v[:, :, G:]
-    ctx_g = _dense_impl(qg, k, v, full_mask, impl)
+    ctx_g = _dense_impl(qg, k, v, full_mask, impl, scale, bias)
 
     sparse = None
-    if _has_sparse(sparse_block_size, sparsity_factor, sparsity_type):
-        ks, vs, ms = sparse_tokens(
+    if has_sparse:
+        ks, vs, ms, *pos = sparse_tokens(
             qt, kt, vt, mask, block_size=B, sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
             sparsity_type=sparsity_type, lsh_projections=lsh_projections, lsh_num_pre_rounds=lsh_num_pre_rounds,
-            mask_dtype=mask_dtype,
+            mask_dtype=mask_dtype, return_positions=bias is not None,
         )
         idx, valid = sparse_window_indices(t, B, sparse_block_size, sparsity_factor)
         idx_j, valid_j = jnp.asarray(idx), jnp.asarray(valid)
@@ -291,38 +485,57 @@ def lsg_attention(q, k, v, mask, *, num_global_tokens: int, block_size: int, spa
         vsw = jnp.where(valid_j[None, None, :, :, None], jnp.take(vs, idx_j, axis=2), 0).astype(v.dtype)
         msw = jnp.where(valid_j[None, None], jnp.take(ms, idx_j, axis=2), jnp.float32(MIN))  # [n,Hm,nb,S]
         sparse = (ksw, vsw, msw)
+        if bias is not None:  # distance from each query of block i to each of its sparse keys
+            spw = jnp.take(pos[0], idx_j, axis=2)  # [n?, Hp, nb, S]
+            qpos = jnp.arange(t, dtype=jnp.int32).reshape(1, 1, t // B, B, 1)
+            sparse = (ksw, vsw, msw, bias.of_per_head(spw[:, :, :, None, :] - qpos))
 
     if impl == "pallas":
-        ctx_t = _lsg_blocks_pallas(qt, kt, vt, mask, kg, vg, sparse, B)
+        if bias is not None:
+            ctx_t = _lsg_blocks_pallas_biased(qt, kt, vt, mask, kg, vg, B, scale, bias)
+        else:
+            ctx_t = _lsg_blocks_pallas(qt, kt, vt, mask, kg, vg, sparse, B, scale)
     else:
-        ctx_t = _lsg_blocks_xla(qt, kt, vt, mask, kg, vg, sparse, B)
+        ctx_t = _lsg_blocks_xla(qt, kt, vt, mask, kg, vg, sparse, B, scale, bias)
     return jnp.concatenate([ctx_g, ctx_t.astype(ctx_g.dtype)], axis=2)
 
 
-def _lsg_blocks_xla(qt, kt, vt, mask, kg, vg, sparse, B):
+def _lsg_blocks_xla(qt, kt, vt, mask, kg, vg, sparse, B, scale=None, bias: Optional[_Bias] = None):
     """Token queries, one softmax over [globals | sparse keys | local window], computed piece by piece.
 
     The scores of each piece are kept apart (no concatenated key or score tensor): the row max and the
     normaliser are combined across pieces, and each piece's weights multiply its own values. The local
-    window reads the previous / own / next block of a zero-padded block view of the keys.
+    window reads the previous / own / next block of a zero-padded block view of the keys. With a bias,
+    each piece gets the bias of its distances (globals at -G..-1; sparse keys: ``sparse[3]``, [n?,H,nb,B,S]).
     """
     n, H, t, d = qt.shape
+    G = kg.shape[2]
     nb = t // B
     qb = qt.reshape(n, H, nb, B, d)
     kb = jnp.pad(kt.reshape(n, H, nb, B, d), ((0, 0), (0, 0), (1, 1), (0, 0), (0, 0)))
     vb = jnp.pad(vt.reshape(n, H, nb, B, d), ((0, 0), (0, 0), (1, 1), (0, 0), (0, 0)))
     mb = jnp.pad(mask.reshape(n, 1, nb, B), ((0, 0), (0, 0), (1, 1), (0, 0)), constant_values=MIN)
-    inv = jnp.float32(1.0 / math.sqrt(d))
+    inv = jnp.float32(1.0 / math.sqrt(d) if scale is None else scale)
+    qpos = np.arange(t).reshape(nb, B)
 
     def scores(eq, keys):
         return jnp.einsum(eq, qb, keys).astype(jnp.float32) * inv
 
-    pieces = [(scores("nhbqd,nhgd->nhbqg", kg), vg, "nhbqg,nhgd->nhbqd")]
+    s = scores("nhbqd,nhgd->nhbqg", kg)
+    if bias is not None:
+        s = s + bias.of((np.arange(G) - G)[None, None, :] - qpos[:, :, None])[None]  # [1,H,nb,B,G]
+    pieces = [(s, vg, "nhbqg,nhgd->nhbqd")]
     if sparse is not None:
-        ksw, vsw, msw = sparse
-        pieces.append((scores("nhbqd,nhbsd->nhbqs", ksw) + msw[:, :, :, None, :], vsw, "nhbqs,nhbsd->nhbqd"))
+        ksw, vsw, msw = sparse[:3]
+        s = scores("nhbqd,nhbsd->nhbqs", ksw) + msw[:, :, :, None, :]
+        if bias is not None:
+            s = s + sparse[3]
+        pieces.append((s, vsw, "nhbqs,nhbsd->nhbqd"))
+    r = np.arange(B)
     for o in range(3):  # blocks i-1, i, i+1
         s = scores("nhbqd,nhbkd->nhbqk", kb[:, :, o:o + nb]) + mb[:, :, o:o + nb, None, :]
+        if bias is not None:  # key (i-1+o)B + c, query iB + r: the same distances in every block
+            s = s + bias.of((o - 1) * B + r[None, :] - r[:, None])[None, :, None]
         pieces.append((s, vb[:, :, o:o + nb], "nhbqk,nhbkd->nhbqd"))
     row_max = functools.reduce(jnp.maximum, [jax.lax.stop_gradient(s.max(-1, keepdims=True)) for s, _, _ in pieces])
     out, den = 0.0, 0.0
@@ -333,13 +546,10 @@ def _lsg_blocks_xla(qt, kt, vt, mask, kg, vg, sparse, B):
     return (out / den).astype(qt.dtype).reshape(n, H, t, d)
 
 
-def _lsg_blocks_pallas(qt, kt, vt, mask, kg, vg, sparse, B):
+def _lsg_blocks_pallas(qt, kt, vt, mask, kg, vg, sparse, B, scale=None):
     """The token queries on the block-sparse Pallas kernel: local window as the block layout, the
     globals as extra keys, the sparse keys as per-block extra keys."""
-    try:
-        from lmzoo.kernels import block_sparse_attention as bsa
-    except ImportError as e:  # pragma: no cover - the kernel ships with lmzoo
-        raise NotImplementedError(f"attention_impl='pallas' needs lmzoo.kernels.block_sparse_attention ({e})") from None
+    bsa = _kernel()
     n, H, t, d = qt.shape
     layout = _pallas_layout(t, B)
     keep = mask == 0  # [n, t]
@@ -348,9 +558,52 @@ def _lsg_blocks_pallas(qt, kt, vt, mask, kg, vg, sparse, B):
         ksw, vsw, msw = sparse
         kw = dict(block_extra_k=ksw, block_extra_v=vsw, block_extra_mask=(msw == 0).astype(jnp.int32))
     return bsa.block_sparse_attention(
-        qt, kt, vt, layout, scale=1.0 / math.sqrt(d), key_mask=keep.astype(jnp.int32),
+        qt, kt, vt, layout, scale=1.0 / math.sqrt(d) if scale is None else scale, key_mask=keep.astype(jnp.int32),
         extra_k=kg, extra_v=vg, qkv_layout="bhld", **kw,
     )
+
+
+def _lsg_blocks_pallas_biased(qt, kt, vt, mask, kg, vg, B, scale, bias: _Bias):
+    """Local + global attention of the token queries with a relative bias, on the kernel.
+
+    The kernel adds its bias to the main keys only, so the globals become main keys: the keys are
+    ``[P-G zero rows (masked) | G globals | t tokens]`` with P the globals rounded up to a kernel key block,
+    and the queries sit at offset P. Key index minus query index is then exactly the distance of the
+    module's rule (global g at position g - G, token j at j). Each query block visits the prefix block(s)
+    and its local window.
+    """
+    bsa = _kernel()
+    n, H, t, d = qt.shape
+    G = kg.shape[2]
+    bk = _prefix_key_block(B, G)
+    P = -(-G // bk) * bk
+    z = jnp.zeros((n, H, P - G, d), kt.dtype)
+    keys = jnp.concatenate([z, kg.astype(kt.dtype), kt], axis=2)
+    values = jnp.concatenate([z, vg.astype(vt.dtype), vt], axis=2)
+    keep = jnp.concatenate([jnp.zeros((n, P - G), jnp.int32), jnp.ones((n, G), jnp.int32),
+                            (mask == 0).astype(jnp.int32)], axis=1)
+    buckets = bias.bucket_fn(jnp.asarray(bsa.relative_positions(t, P + t, P)))
+    return bsa.block_sparse_attention(
+        qt, keys, values, _pallas_prefix_layout(t, B, bk, P), scale=1.0 / math.sqrt(d) if scale is None else scale,
+        q_offset=P, key_mask=keep, bias_table=bias.table, bias_buckets=buckets, qkv_layout="bhld",
+    )
+
+
+def _prefix_key_block(B: int, G: int) -> int:
+    """Kernel key block for the biased path: the LSG block, halved while it stays >= max(G, 64), so a
+    few globals do not cost a whole LSG block of padded keys."""
+    bk = B
+    while bk % 2 == 0 and bk // 2 >= max(G, 64):
+        bk //= 2
+    return bk
+
+
+def _kernel():
+    try:
+        from lmzoo.kernels import block_sparse_attention as bsa
+    except ImportError as e:  # pragma: no cover - the kernel ships with lmzoo
+        raise NotImplementedError(f"attention_impl='pallas' needs lmzoo.kernels.block_sparse_attention ({e})") from None
+    return bsa
 
 
 @functools.lru_cache(maxsize=32)
@@ -358,3 +611,16 @@ def _pallas_layout(t: int, B: int):
     from lmzoo.kernels import block_sparse_attention as bsa
 
     return bsa.lsg_layout(t, B)
+
+
+@functools.lru_cache(maxsize=32)
+def _pallas_prefix_layout(t: int, B: int, bk: int, P: int):
+    """Query blocks of B tokens over keys [prefix of P | t tokens] in blocks of bk: the prefix blocks and
+    the key blocks of tokens [(i-1)B, (i+2)B)."""
+    from lmzoo.kernels.block_sparse_attention import BlockLayout
+
+    nq, npre, nk = t // B, P // bk, t // bk
+    first = np.arange(nk) * bk  # first token of each token key block
+    lo, hi = (np.arange(nq)[:, None] - 1) * B, (np.arange(nq)[:, None] + 2) * B
+    m = np.concatenate([np.ones((nq, npre), bool), (first[None, :] >= lo) & (first[None, :] + bk <= hi)], axis=1)
+    return BlockLayout.from_block_mask(m, B, bk)
