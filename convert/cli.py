@@ -30,16 +30,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="config.json to use when SRC has none: GLM Megatron model-parallel shards "
                    "(mp_rank_XX_model_states.pt) are merged one tensor at a time")
-    lsg = p.add_argument_group("--to-lsg: turn a BART checkpoint into an LSG-BART one for long inputs")
-    lsg.add_argument("--to-lsg", action="store_true", help="extend positions by tiling, add global tokens, write LSG config keys")
-    lsg.add_argument("--max-length", type=int, default=16384, help="new max_position_embeddings (default 16384)")
+    lsg = p.add_argument_group(
+        "--to-lsg: turn an encoder checkpoint (BART, COCO-LM) into an LSG one for long inputs")
+    lsg.add_argument("--to-lsg", action="store_true",
+                     help="write the LSG config keys and 512 global-token embeddings; learned absolute positions "
+                     "(BART, COCO-LM) are extended by tiling, relative-position biases (COCO-LM) need nothing")
+    lsg.add_argument("--max-length", type=int, default=16384,
+                     help="new max_position_embeddings (default 16384)")
     lsg.add_argument("--block-size", type=int, default=256, help="LSG local block size (default 256)")
     lsg.add_argument("--sparse-block-size", type=int, default=128)
     lsg.add_argument("--sparsity-factor", type=int, default=2)
     lsg.add_argument("--sparsity-type", default="norm", choices=("none", "norm", "pooling", "stride", "block_stride", "bos_pooling", "lsh"))
     lsg.add_argument("--num-global-tokens", type=int, default=1)
     lsg.add_argument("--mask-first-token", action="store_true")
-    lsg.add_argument("--mask-token-id", type=int, default=None, help="id of <mask> (default: read from the tokenizer files)")
+    lsg.add_argument("--mask-token-id", type=int, default=None,
+                     help="token whose embedding seeds globals 1.. (default: <mask> from the tokenizer files for BART, "
+                     "COCO-LM's last id [MASK])")
+    lsg.add_argument("--random-global-init", action="store_true",
+                     help="globals drawn from a Gaussian fitted to the token embeddings instead")
     lsg.add_argument("--seed", type=int, default=123, help="seed of the global-token initialisation")
     return p
 
@@ -65,25 +73,20 @@ def _megatron(args, dtype) -> int:
 
 
 def _to_lsg(args) -> int:
-    from lmzoo.convert.lsg_bart import bart_to_lsg
+    from lmzoo.convert.lsg import to_lsg
 
     if args.format == "orbax":
         raise ValueError("--to-lsg writes the original layout: use --format pytorch or safetensors")
     if args.dtype:
         raise ValueError("--to-lsg keeps float32; convert the result with --dtype afterwards")
-    import os
-
-    if os.path.exists(args.dst) and not args.overwrite:
-        raise FileExistsError(f"{args.dst} already exists (pass --overwrite to replace it)")
-    out = bart_to_lsg(
-        args.src, args.dst, max_length=args.max_length, block_size=args.block_size,
+    out, family = to_lsg(
+        args.src, args.dst, overwrite=args.overwrite, max_length=args.max_length, block_size=args.block_size,
         sparse_block_size=args.sparse_block_size, sparsity_factor=args.sparsity_factor,
         sparsity_type=None if args.sparsity_type == "none" else args.sparsity_type,
         num_global_tokens=args.num_global_tokens, mask_first_token=args.mask_first_token, seed=args.seed,
-        mask_token_id=args.mask_token_id,
-        format=args.format,
+        mask_token_id=args.mask_token_id, random_global_init=args.random_global_init, format=args.format,
     )
-    print(f"wrote {out} (LSG-BART, {args.max_length} positions, block {args.block_size}, {args.sparsity_type} sparsity)")
+    print(f"wrote {out} (LSG {family}, {args.max_length} positions, block {args.block_size}, {args.sparsity_type} sparsity)")
     return 0
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "fairseq_hf_config",
     "load_fairseq",
     "convert_fairseq",
+    "cocolm_to_lsg",
 ]
 
 PREFIX = "cocolm."
@@ -119,6 +120,8 @@ def hf_key_map(config) -> KeyMap:
         _norm(p, f"{P}embeddings.LayerNorm", emb + ("LayerNorm",))
     if config.rel_pos_bins > 0:
         p[f"{P}relative_attention_bias.weight"] = plain("encoder", "relative_attention_bias")
+    if config.is_lsg:  # the LSG authors' name in their BERT/RoBERTa encoders
+        p[f"{P}embeddings.global_embeddings.weight"] = plain(*emb, "global_embeddings", "embedding")
     _layers(p, f"{P}encoder.layer", ("encoder",), config.num_hidden_layers, config)
     if config.layer_norm_type in ("pre", "hybrid"):
         _norm(p, f"{P}encoder.LayerNorm", ("encoder", "LayerNorm"))
@@ -379,3 +382,100 @@ def convert_fairseq(src: str | os.PathLike, dst: str | os.PathLike, *, format: s
     """Write a fairseq COCO-LM checkpoint as an HF-layout folder (config.json + weights) or an lmzoo one."""
     model = load_fairseq(src, head=head)
     return model.save_pretrained(dst, format=format, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --to-lsg
+def _mask_token_id(src_dir: str, vocab_size: int) -> int:
+    """[MASK] comes last in COCO-LM's dictionary: after dict.txt's symbols when the file is there, else
+    the last id of the vocabulary (the released layout)."""
+    path = os.path.join(src_dir, "dict.txt")
+    if os.path.exists(path):
+        from lmzoo.cocolm_tokenizer import CocoLMDictionary
+
+        mask = CocoLMDictionary.load(path).add_symbol("<mask>")
+        if mask >= vocab_size:
+            raise ConversionError(f"{path}: [MASK] would be id {mask}, outside vocab_size={vocab_size}")
+        return mask
+    return vocab_size - 1
+
+
+def cocolm_to_lsg(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    max_length: int = 4096,
+    block_size: int = 128,
+    *,
+    sparse_block_size: int = 128,
+    sparsity_factor: int = 2,
+    sparsity_type: Optional[str] = "norm",
+    num_global_tokens: int = 1,
+    adaptive: bool = True,
+    mask_first_token: bool = False,
+    pool_with_global: bool = True,
+    lsh_num_pre_rounds: int = 1,
+    random_global_init: bool = False,
+    global_positional_stride: int = 64,
+    keep_first_global_token: bool = False,
+    resize_lsg: bool = False,
+    mask_token_id: Optional[int] = None,
+    seed: int = 123,
+    format: str = "pytorch",
+    progress=None,
+) -> str:
+    """Convert a COCO-LM checkpoint folder (HF layout, any heads) into an LSG-COCO-LM folder for
+    ``max_length`` tokens, as the LSG authors convert BERT/RoBERTa: the learned position table is tiled
+    (new position p = old position p mod old_max; no offset rows), the 512 global rows are the strided
+    position table plus E[[CLS]] (global 0) / E[[MASK]] (the others; [MASK] is the dictionary's last id,
+    or ``mask_token_id``), plus token type 0 when the model has token types, and config.json gets the
+    LSG keys and ``max_position_embeddings = max_length``. The relative-position bias needs nothing: its
+    buckets are functions of the distance (the table offset must not change with the longer table,
+    which holds for every config whose longest distance already reaches the last bucket).
+    """
+    from lmzoo.cocolm import LSGCocoLMModel, relative_position_bucket, relative_position_bucket_vector
+    from lmzoo.configuration import read_json
+    from lmzoo.lsg_attention import LSG_CONFIG_KEYS
+    from lmzoo.modeling import detect_family
+
+    from .lsg import convert_planned_to_lsg, global_embeddings, lsg_config_keys
+
+    src_dir, dst_dir = os.fspath(src_dir), os.path.abspath(os.fspath(dst_dir))
+    if max_length <= 0 or block_size <= 0:
+        raise ValueError(f"max_length and block_size must be positive, got {max_length} and {block_size}")
+    hf = read_json(os.path.join(src_dir, "config.json"))
+    if detect_family(hf, src_dir) != "cocolm":
+        raise ConversionError(f"{src_dir}: not a COCO-LM checkpoint")
+    old_max = int(hf.get("max_position_embeddings", 512))
+    new_hf = dict(hf)
+    new_hf.update(lsg_config_keys(block_size=block_size, sparse_block_size=sparse_block_size,
+                                  sparsity_factor=sparsity_factor, sparsity_type=sparsity_type,
+                                  num_global_tokens=num_global_tokens, adaptive=adaptive,
+                                  mask_first_token=mask_first_token, pool_with_global=pool_with_global,
+                                  lsh_num_pre_rounds=lsh_num_pre_rounds))
+    new_hf["max_position_embeddings"] = int(max_length)
+    config = LSGCocoLMModel.config_from_folder(src_dir, new_hf)  # validates the LSG keys
+    new_hf.update({k: getattr(config, k) for k in LSG_CONFIG_KEYS})  # as validated (e.g. clipped)
+    if config.rel_pos_bins:
+        old_off = -int(relative_position_bucket(np.arange(-(old_max - 1), old_max), config.rel_pos_bins, config.max_rel_pos).min())
+        vec = relative_position_bucket_vector(max_length, config.rel_pos_bins, config.max_rel_pos)
+        if int(vec[max_length - 1]) != old_off:  # the row of distance 0 moved: every bucket would shift
+            raise ConversionError(
+                f"{src_dir}: rel_pos_bins={config.rel_pos_bins}, max_rel_pos={config.max_rel_pos} with "
+                f"{old_max} positions never reach the last bucket, so the bias-table offset would change at "
+                f"{max_length} positions; not supported")
+    P = "cocolm." if config.prefixed else ""
+    bos = int(hf.get("bos_token_id", 0))  # [CLS]
+    mask = mask_token_id if mask_token_id is not None else _mask_token_id(src_dir, config.vocab_size)
+
+    def make_globals(read):
+        extra = read(f"{P}embeddings.token_type_embeddings.weight")[0] if config.type_vocab_size > 0 else None
+        return global_embeddings(read(f"{P}embeddings.word_embeddings.weight"),
+                                 read(f"{P}embeddings.position_embeddings.weight"), bos_id=bos, mask_id=mask,
+                                 stride=global_positional_stride, random_init=random_global_init,
+                                 rng=np.random.default_rng(seed), extra=extra)
+
+    return convert_planned_to_lsg(
+        src_dir, dst_dir, new_hf, global_key=f"{P}embeddings.global_embeddings.weight", make_globals=make_globals,
+        position_key=f"{P}embeddings.position_embeddings.weight", position_offset=0, max_length=int(max_length),
+        resize_lsg=resize_lsg, keep_first_global_token=keep_first_global_token, format=format, progress=progress,
+    )

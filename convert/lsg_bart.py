@@ -9,19 +9,19 @@ transformers does) are accepted too.
 :func:`bart_to_lsg` turns a short BART checkpoint into a long LSG one the way the LSG authors' converter
 does: the learned position tables of encoder and decoder are tiled to ``max_length`` rows (+2 offset
 rows), the 512 global embeddings are taken from the (strided) position table plus the ``<s>`` / ``<mask>``
-token embeddings, and the LSG config keys are written.
+token embeddings, and the LSG config keys are written (the shared pieces are in :mod:`lmzoo.convert.lsg`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Mapping, Optional
 
 import numpy as np
 
 from .keymap import ConversionError, KeyMap, linear, plain
+from .lsg import global_embeddings, lsg_config_keys, order_positions, tile_positions, write_lsg_folder
 
 __all__ = ["bart_key_map", "canonical_state_dict", "bart_to_lsg", "tile_positions", "order_positions", "global_embeddings"]
 
@@ -121,54 +121,6 @@ def canonical_state_dict(sd: Mapping, config) -> Mapping:
 # ----------------------------------------------------------------------------------------------------
 
 
-def tile_positions(table: np.ndarray, max_pos: int) -> np.ndarray:
-    """``update_positions``: keep the 2 offset rows, repeat the rest, cut to ``max_pos + 2`` rows."""
-    rows = table.shape[0]
-    reps = max_pos // rows + 1
-    return np.concatenate([table[:POSITION_OFFSET]] + [table[POSITION_OFFSET:]] * reps, axis=0)[: max_pos + POSITION_OFFSET]
-
-
-def order_positions(positions: np.ndarray, stride: int, rng: np.random.Generator) -> np.ndarray:
-    """``order_positions``: 512 positions (every n/512-th), reordered with a stride."""
-    n, d = positions.shape
-    if n % 512:
-        if n > 512:
-            positions = positions[: 512 * (n // 512)]
-        else:  # the original fills the missing rows with torch.normal(mean, std) draws
-            mean = positions.mean(axis=0, keepdims=True)
-            std = positions.std(axis=0, ddof=1, keepdims=True)
-            fill = rng.normal(np.broadcast_to(mean, (512 - n, d)), np.broadcast_to(std, (512 - n, d)))
-            positions = np.concatenate([positions, fill.astype(positions.dtype)], axis=0)
-        n = positions.shape[0]
-    factor = n // 512
-    if stride % factor or 512 % (stride // factor):
-        raise ValueError(f"global_positional_stride={stride} does not fit {n} positions (factor {factor})")
-    positions = positions.reshape(-1, factor, d)[:, 0]
-    return positions.reshape(-1, stride // factor, d).transpose(1, 0, 2).reshape(-1, d)
-
-
-def global_embeddings(shared: np.ndarray, positions: np.ndarray, *, bos_id: int, mask_id: Optional[int], stride: int = 64,
-                      random_init: bool = False, rng: Optional[np.random.Generator] = None) -> np.ndarray:
-    """The 512 x D global table (``update_global`` / ``update_global_randomly``).
-
-    positions: the encoder position table without its 2 offset rows. Default: global 0 = position + E[bos],
-    global k = position + E[mask]. random_init: rows drawn from a Gaussian fitted to the token embeddings
-    (row 0 = E[bos]) plus the positions.
-    """
-    rng = rng if rng is not None else np.random.default_rng(123)
-    pos = order_positions(np.asarray(positions, np.float64), stride, rng)
-    e = np.asarray(shared, np.float64)
-    if random_init:
-        w = rng.multivariate_normal(e.mean(axis=0), np.cov(e.T), size=512)
-        w[0] = e[bos_id]
-        return (w + pos).astype(shared.dtype)
-    if mask_id is None:
-        raise ValueError("global embeddings need the <mask> token id (pass mask_token_id=)")
-    pos[0] += e[bos_id]
-    pos[1:] += e[mask_id][None]
-    return pos.astype(shared.dtype)
-
-
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "added_tokens.json")
 
@@ -241,10 +193,11 @@ def bart_to_lsg(
         raise ConversionError(f"{src_dir}: model_type {hf.get('model_type')!r} is not a BART checkpoint")
     src_is_lsg = is_lsg_config(hf)
     new_hf = dict(hf)
-    lsg_keys = dict(adaptive=adaptive, block_size=block_size, lsh_num_pre_rounds=lsh_num_pre_rounds,
-                    mask_first_token=mask_first_token, num_global_tokens=num_global_tokens,
-                    pass_global_tokens_to_decoder=pass_global_tokens_to_decoder, pool_with_global=pool_with_global,
-                    sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor, sparsity_type=sparsity_type)
+    lsg_keys = lsg_config_keys(block_size=block_size, sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
+                               sparsity_type=sparsity_type, num_global_tokens=num_global_tokens, adaptive=adaptive,
+                               mask_first_token=mask_first_token, pool_with_global=pool_with_global,
+                               lsh_num_pre_rounds=lsh_num_pre_rounds)
+    lsg_keys["pass_global_tokens_to_decoder"] = pass_global_tokens_to_decoder
     new_hf.update(lsg_keys)
     new_hf.update(max_position_embeddings=int(max_length), architectures=["LSGBartForConditionalGeneration"],
                   auto_map=dict(LSG_AUTO_MAP), base_model_prefix="lsg")
@@ -277,7 +230,7 @@ def bart_to_lsg(
             if a.dtype == np.float16 or str(a.dtype) == "bfloat16":
                 a = a.astype(np.float32)
             if key in pos_keys:
-                a = tile_positions(a, max_length)
+                a = tile_positions(a, max_length, POSITION_OFFSET)
             return a
         return get
 
@@ -313,22 +266,5 @@ def bart_to_lsg(
     for alias, target in keymap.aliases.items():
         tensors[alias] = writers.ExportTensor(tensors[target].shape, tensors[target].dtype, tensors[target].get, alias_of=target)
 
-    with writers.atomic_folder(dst_dir) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(new_hf, f, indent=2, sort_keys=True)
-            f.write("\n")
-        if format == "safetensors":
-            writers.write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, progress=progress)
-        else:
-            writers.write_torch_zip(os.path.join(tmp, "pytorch_model.bin"), tensors, progress=progress)
-        for name in _TOKENIZER_FILES:
-            p = os.path.join(src_dir, name)
-            if os.path.exists(p):
-                shutil.copyfile(p, os.path.join(tmp, name))
-        tc = os.path.join(tmp, "tokenizer_config.json")
-        if os.path.exists(tc):
-            data = read_json(tc)
-            data["model_max_length"] = int(max_length)
-            with open(tc, "w") as f:
-                json.dump(data, f, indent=2)
-    return dst_dir
+    return write_lsg_folder(src_dir, dst_dir, new_hf, tensors, max_length=max_length, format=format,
+                            side_files=_TOKENIZER_FILES, progress=progress)

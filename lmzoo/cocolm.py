@@ -6,6 +6,12 @@ COCO-LM's own sign-symmetric ``ceil`` log buckets (not T5's). Heads: the GLUE cl
 code, tanh in fairseq fine-tunes), the SQuAD start/end head, and the pretraining heads: SCL pooler,
 binary copy head, corrective LM head and the auxiliary MLM generator (its own layers and relative table,
 sharing the main embeddings). Which heads a checkpoint carries is read from its keys.
+
+LSG-COCO-LM (a config.json with the LSG keys, written by ``lmzoo convert --to-lsg``): the encoder's
+self-attention is LSG attention (:mod:`lmzoo.lsg_attention`) with the relative bias at the positions that
+module describes, and the embeddings prepend ``num_global_tokens`` learned global rows (no position
+added) before the embedding LayerNorm, as the LSG authors' BERT/RoBERTa encoders do; the output drops the
+globals (token 0's row replaced by global 0's with ``pool_with_global``), so every head reads ``[B, T, H]``.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import numpy as np
 from .attention import attend
 from .configuration import ConfigError, ModelConfig
 from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain
+from .lsg_attention import MIN, LSGFields, draw_lsh_projections, has_lsg_keys, lsg_attention
 from .modeling import PretrainedModel
 from .outputs import ModelOutput
 
 __all__ = [
     "CocoLMConfig",
+    "LSGCocoLMConfig",
+    "LSGCocoLMModel",
     "CocoLMOutput",
     "CocoLMModule",
     "CocoLMModel",
@@ -114,6 +123,10 @@ class CocoLMConfig(ModelConfig):
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def is_lsg(self) -> bool:
+        return False
+
+    @property
     def prefixed(self) -> bool:
         """Whether the original keys carry ``cocolm.`` (a head class wraps COCOLMModel)."""
         return bool(self.heads)
@@ -164,6 +177,19 @@ class CocoLMConfig(ModelConfig):
         return out
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSGCocoLMConfig(LSGFields, CocoLMConfig):
+    """COCO-LM with LSG attention in the encoder (and the generator): the LSG keys of :class:`LSGFields`."""
+
+    @property
+    def lsg_num_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def lsg_relative_bias(self) -> bool:
+        return self.rel_pos_bins > 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # relative positions
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -205,8 +231,8 @@ def relative_position_bucket_vector(max_positions: int, num_buckets: int, max_di
     """The same rows as :func:`relative_position_bucket_table` as an O(L) vector over distance:
     ``table[i, j] == vector[j - i + max_positions - 1]`` (rel = key - query from -(P-1) to P-1)."""
     P = max_positions
-    table = relative_position_bucket_table(P, num_buckets, max_distance)
-    vec = np.concatenate([table[::-1, 0], table[0, 1:]]).astype(np.int32)
+    signed = relative_position_bucket(np.arange(-(P - 1), P), num_buckets, max_distance)
+    vec = (signed - signed.min()).astype(np.int32)  # every rel of the table occurs: same minimum, O(P)
     vec.setflags(write=False)
     return vec
 
@@ -267,9 +293,12 @@ class CocoLMEmbeddings(nn.Module):
             self.token_type_embeddings = Embed(c.type_vocab_size, c.hidden_size, axes=(None, "embed"), embedding_init=init, **_kw(c))
         if c.layer_norm_type == "post":
             self.LayerNorm = _ln(c)
+        if c.is_lsg:
+            self.global_embeddings = Embed(512, c.hidden_size, axes=("positions", "embed"), embedding_init=init, **_kw(c))
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
 
     def __call__(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, *, deterministic=True):
+        """[B, T, H]; LSG: [B, G + T, H], the G global rows (no position added) prepended before the LN."""
         c = self.config
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds.astype(c.compute_dtype)
         T = x.shape[1]
@@ -278,6 +307,9 @@ class CocoLMEmbeddings(nn.Module):
         if c.type_vocab_size > 0:
             tt = jnp.zeros(x.shape[:2], jnp.int32) if token_type_ids is None else token_type_ids
             x = x + self.token_type_embeddings(tt)
+        if c.is_lsg:
+            g = self.global_embeddings(jnp.arange(c.num_global_tokens))
+            x = jnp.concatenate([jnp.broadcast_to(g[None], (x.shape[0],) + g.shape).astype(x.dtype), x], axis=1)
         if c.layer_norm_type == "post":
             x = self.LayerNorm(x)
         return self.dropout(x, deterministic=deterministic)
@@ -305,11 +337,13 @@ class CocoLMSelfAttention(nn.Module):
         self.out_proj = DenseND((c.hidden_size,), ("heads", "kv", "embed"), n_in=2, kernel_init=init, **_kw(c))
         self.dropout = nn.Dropout(c.attention_probs_dropout_prob)
 
-    def __call__(self, x, *, bias_table, bucket_fn, key_valid, deterministic=True):
+    def __call__(self, x, *, bias_table, bucket_fn, key_valid, deterministic=True, token_mask=None, lsh_projections=None):
         c = self.config
         qkv = self.in_proj(x)  # [B,T,3,A,d]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = constrain(q, ("batch", "length", "act_heads", "kv"))
+        if c.is_lsg:
+            return self._lsg(q, k, v, token_mask, bias_table, bucket_fn, lsh_projections, deterministic)
         probs_fn = None
         if not deterministic and c.attention_probs_dropout_prob > 0:
             probs_fn = functools.partial(self.dropout, deterministic=False)
@@ -321,6 +355,18 @@ class CocoLMSelfAttention(nn.Module):
         if key_valid is not None:
             out = jnp.where(jnp.any(key_valid, axis=-1)[:, None, None], out, jnp.zeros((), out.dtype))
         return out
+
+    def _lsg(self, q, k, v, token_mask, bias_table, bucket_fn, lsh_projections, deterministic):
+        """LSG attention over [globals; tokens]: token_mask is the additive [B, t] mask of the token part
+        (globals are never masked, so no row is empty and the NaN clean-up has nothing to do)."""
+        c = self.config
+        if not deterministic and c.attention_probs_dropout_prob > 0:
+            raise ValueError("LSG attention has no attention-probability dropout: set attention_probs_dropout_prob=0 "
+                             "for training (or run deterministic)")
+        sw = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B,T,A,d] <-> [B,A,T,d]
+        ctx = lsg_attention(sw(q), sw(k), sw(v), token_mask, lsh_projections=lsh_projections, scale=c.head_dim**-0.5,
+                            bias_table=bias_table, bucket_fn=bucket_fn, **c.lsg_attention_kwargs())
+        return self.out_proj(sw(ctx).astype(c.compute_dtype))
 
 
 class CocoLMLayer(nn.Module):
@@ -342,9 +388,10 @@ class CocoLMLayer(nn.Module):
         self.dropout_attn = nn.Dropout(c.attention_probs_dropout_prob)
         self.dropout_out = nn.Dropout(c.hidden_dropout_prob)
 
-    def __call__(self, x, *, bias_table, bucket_fn, key_valid, deterministic=True):
+    def __call__(self, x, *, bias_table, bucket_fn, key_valid, deterministic=True, token_mask=None, lsh_projections=None):
         c = self.config
-        a = self.self_attn(x, bias_table=bias_table, bucket_fn=bucket_fn, key_valid=key_valid, deterministic=deterministic)
+        a = self.self_attn(x, bias_table=bias_table, bucket_fn=bucket_fn, key_valid=key_valid, deterministic=deterministic,
+                           token_mask=token_mask, lsh_projections=lsh_projections)
         h = self.attention_LayerNorm(x + self.dropout_attn(a, deterministic=deterministic))
         f_in = h if c.layer_norm_type == "post" else self.LayerNorm(h)
         f = ACTIVATIONS[c.hidden_act](self.intermediate(f_in))
@@ -386,12 +433,15 @@ class CocoLMEncoder(nn.Module):
         P = c.max_position_embeddings
         return jnp.take(jnp.asarray(vec), jnp.clip(jnp.asarray(rel, jnp.int32) + (P - 1), 0, 2 * P - 2), axis=0)
 
-    def __call__(self, x, key_valid, *, deterministic=True):
+    def __call__(self, x, key_valid, *, deterministic=True, token_mask=None, lsh_projections=None):
+        """LSG: x holds [globals; tokens], token_mask is the additive mask of the tokens, lsh_projections
+        the per-layer random matrices of an lsh config."""
         c = self.config
         table = self.relative_attention_bias if c.rel_pos_bins > 0 else None
         bucket_fn = self.bucket if c.rel_pos_bins > 0 else None
-        for layer in self.layers:
-            x = layer(x, bias_table=table, bucket_fn=bucket_fn, key_valid=key_valid, deterministic=deterministic)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, bias_table=table, bucket_fn=bucket_fn, key_valid=key_valid, deterministic=deterministic,
+                      token_mask=token_mask, lsh_projections=None if lsh_projections is None else lsh_projections[i])
         if c.layer_norm_type in ("pre", "hybrid"):
             x = self.LayerNorm(x)
         return x
@@ -479,7 +529,8 @@ class CocoLMModule(nn.Module):
             self.generator = CocoLMEncoder(c, c.generator_layers)
             self.generator_head = CocoLMGeneratorHead(c)
 
-    def _run(self, encoder, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, deterministic):
+    def _run(self, encoder, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, deterministic,
+             lsh_projections=None):
         c = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -488,13 +539,39 @@ class CocoLMModule(nn.Module):
             raise ValueError(f"sequence length {shape[1]} exceeds max_position_embeddings {c.max_position_embeddings}")
         key_valid = _key_valid(attention_mask, shape)
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, deterministic=deterministic)
+        if c.is_lsg:
+            return self._run_lsg(encoder, x, key_valid, deterministic, lsh_projections)
         if attention_mask is not None:
             x = x * attention_mask[..., None].astype(x.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
         return encoder(x, key_valid, deterministic=deterministic)
 
-    def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, *, deterministic=True):
-        return self._run(self.encoder, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, deterministic)
+    def _run_lsg(self, encoder, x, key_valid, deterministic, lsh_projections):
+        """The LSG authors' encoder around the embeddings [n, G + t, H]: padding rows zeroed (COCO-LM), the
+        tokens zero-padded to a block multiple on the block path (``adaptive``), token 0 hidden from
+        attention with ``mask_first_token``; then globals dropped (``pool_with_global``: token 0's row is
+        global 0's) and the padding cropped."""
+        c = self.config
+        G = c.num_global_tokens
+        n, t = x.shape[0], x.shape[1] - G
+        mask = jnp.ones((n, t), bool) if key_valid is None else key_valid
+        if key_valid is not None:
+            x = x * jnp.concatenate([jnp.ones((n, G), bool), mask], axis=1)[..., None].astype(x.dtype)
+        t_pad = c.lsg_padded_length(t)
+        x = constrain(jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0))), ("batch", "length", "act_embed"))
+        mask = jnp.pad(mask, ((0, 0), (0, t_pad - t)))
+        if c.mask_first_token:
+            mask = mask.at[:, 0].set(False)
+        token_mask = jnp.where(mask, jnp.float32(0), jnp.float32(MIN))
+        h = encoder(x, None, deterministic=deterministic, token_mask=token_mask, lsh_projections=lsh_projections)
+        if c.pool_with_global:
+            h = h.at[:, G].set(h[:, 0])
+        return h[:, G:G + t]
+
+    def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, *,
+               deterministic=True, lsh_projections=None):
+        return self._run(self.encoder, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, deterministic,
+                         lsh_projections)
 
     def pooled_output(self, h):
         return self.scl_head(h)
@@ -513,15 +590,19 @@ class CocoLMModule(nn.Module):
             return self.embeddings.word_embeddings.attend(h) + self.clm_bias.astype(h.dtype)
         return self.clm_head(h)
 
-    def generator_logits(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, *, deterministic=True):
+    def generator_logits(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, *,
+                         deterministic=True, lsh_projections=None):
         """Auxiliary MLM logits [B,T,V]: the generator's own layers on the shared embeddings, tied output."""
-        h = self._run(self.generator, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, deterministic)
+        h = self._run(self.generator, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, deterministic,
+                      lsh_projections)
         x, bias = self.generator_head(h)
         return self.embeddings.word_embeddings.attend(x) + bias.astype(x.dtype)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, *, deterministic=True):
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, *,
+                 deterministic=True, lsh_projections=None):
         c = self.config
-        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, deterministic=deterministic)
+        h = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, deterministic=deterministic,
+                        lsh_projections=lsh_projections)
         out = {"last_hidden_state": h}
         if c.need_pooler:
             out["pooled_output"] = self.pooled_output(h)
@@ -652,6 +733,16 @@ class CocoLMModel(PretrainedModel):
             raise ValueError(f"input_ids must be [batch, length], got shape {np.shape(ids)}")
         return super().__call__(**kwargs)
 
+    def lsh_projections(self, lsh_key, num_layers: Optional[int] = None):
+        """Per-layer random matrices of an LSG lsh encoder (None for every other model)."""
+        c = self.config
+        if not (c.is_lsg and c.lsg_uses_lsh_projections):
+            return None
+        return draw_lsh_projections(lsh_key, c.num_hidden_layers if num_layers is None else num_layers,
+                                    heads=c.num_attention_heads, head_dim=c.head_dim, block_size=c.block_size,
+                                    sparse_block_size=c.sparse_block_size, sparsity_factor=c.sparsity_factor,
+                                    num_pre_rounds=c.lsh_num_pre_rounds)
+
     def export_config(self) -> dict:
         hf = self.config.to_hf_config()
         if self.architecture:
@@ -670,9 +761,13 @@ class CocoLMModel(PretrainedModel):
         start_positions=None,
         end_positions=None,
         split_lengths=None,  # accepted and unused, as in the original
+        lsh_key=None,
     ):
+        """The original forward; ``lsh_key`` (LSG with sparsity_type "lsh"): the jax PRNG key of the random
+        projections the original draws on every forward."""
         c = self.config
-        out = self.module.apply({"params": params}, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        out = self.module.apply({"params": params}, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                lsh_projections=self.lsh_projections(lsh_key))
         loss = None
         if labels is not None:
             if "classifier" not in c.heads:
@@ -685,5 +780,11 @@ class CocoLMModel(PretrainedModel):
         return CocoLMOutput(**{k: _f32(v) for k, v in out.items()}, loss=loss)
 
 
+class LSGCocoLMModel(CocoLMModel):
+    """COCO-LM whose encoder runs LSG attention (a config.json with the LSG keys)."""
+
+    config_class = LSGCocoLMConfig
+
+
 def model_class(hf_config) -> type[PretrainedModel]:
-    return CocoLMModel
+    return LSGCocoLMModel if has_lsg_keys(hf_config) else CocoLMModel
