@@ -6,7 +6,8 @@ query offset, GLM's per-example prefix, a small bias table [num_buckets, H] plus
 (``attention_impl="xla"``, the numerical reference) or hands them to the Pallas kernel
 (``attention_impl="pallas"``), which computes masks and bias in-kernel and never builds an Lq x Lk
 array. Masked scores get the float32 minimum added, as the originals' additive masks do, so a fully
-masked row attends uniformly in both paths.
+masked row attends uniformly in both paths. Packed rows (several examples per row, T5X-style) pass
+segment ids: a key is visible only to queries of its own segment.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from .layers import dot_product_attention
 
-__all__ = ["attend", "kernel_block"]
+__all__ = ["attend", "kernel_block", "segment_positions", "check_segment_pair"]
 
 F32_MIN = float(np.finfo(np.float32).min)
 
@@ -31,6 +32,22 @@ def kernel_block(length: int, preferred: int = 128) -> int:
     while b < min(length, preferred):
         b *= 2
     return b
+
+
+def segment_positions(segment_ids):
+    """[B, L] int32: each token's index within its run of equal segment ids (0, 1, ... restarting at every
+    segment), the positions an unpacked row would give it."""
+    seg = jnp.asarray(segment_ids)
+    idx = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
+    starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def check_segment_pair(segment_ids, decoder_segment_ids) -> None:
+    """Packed encoder-decoder rows need both: cross-attention matches each decoder segment to its encoder one."""
+    if (segment_ids is None) != (decoder_segment_ids is None):
+        raise ValueError("packed rows need segment_ids and decoder_segment_ids together (cross-attention matches "
+                         "each decoder segment to its encoder segment)")
 
 
 @functools.lru_cache(maxsize=64)
@@ -59,6 +76,8 @@ def attend(
     probs_fn: Optional[Callable] = None,
     dtype=jnp.float32,
     replace_masked: bool = False,
+    q_segment_ids=None,
+    kv_segment_ids=None,
 ):
     """Softmax attention of q [B,Lq,H,D] over k/v [B,Lk,H,D]; returns [B,Lq,H,D] in ``dtype``.
 
@@ -71,6 +90,13 @@ def attend(
     on every row with a visible key. probs_fn (XLA path only, e.g. attention dropout) maps the
     probabilities [B,H,Lq,Lk] before they weight v; the kernel has none and refuses it.
 
+    q_segment_ids [B, Lq] / kv_segment_ids [B, Lk] (int, given together): packed rows. Key j is visible
+    to query i only if their ids are equal, on top of every other rule (key mask, causal). By convention
+    0 marks padding and real examples are numbered 1, 2, ... in each row, so padding keys are hidden from
+    every real query even without a key mask (padding queries see only padding; their outputs are
+    meaningless, as for any padded position). Relative positions stay ``j - (q_offset + i)``: within one
+    segment that is the distance an unpacked row would see.
+
     replace_masked: the original *replaces* masked scores by a constant (GLM's -65504, PALM's -1e18), so
     masked scores get no gradient, also in a fully masked row (which attends uniformly over all Lk keys).
     The XLA path does that already; the kernel then runs with hard masking (a fully masked row outputs 0
@@ -80,6 +106,10 @@ def attend(
     """
     B, Lq, H, _ = q.shape
     Lk = k.shape[1]
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids go together")
+    if q_segment_ids is not None and replace_masked:
+        raise ValueError("segment ids with replace_masked are not supported (no family packs rows that need it)")
     if impl == "pallas":
         if probs_fn is not None:
             raise ValueError("attention_impl='pallas' has no attention-probability dropout; run deterministic, "
@@ -98,6 +128,7 @@ def attend(
             q.astype(dtype), k.astype(dtype), v.astype(dtype), layout, scale=scale, causal=causal, q_offset=qo,
             prefix_len=prefix_len, key_mask=key_mask, bias_table=bias_table, bias_buckets=buckets,
             mask_value=None if replace_masked else mask_value, qkv_layout="blhd",
+            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         )
         if replace_masked:
             empty = _rows_without_visible_key(B, Lq, Lk, key_mask, causal, q_offset, prefix_len)
@@ -123,6 +154,9 @@ def attend(
     if key_mask is not None:
         km = key_mask[:, None, None, :].astype(bool)
         mask = km if mask is None else mask & km
+    if q_segment_ids is not None:
+        same = jnp.asarray(q_segment_ids)[:, None, :, None] == jnp.asarray(kv_segment_ids)[:, None, None, :]
+        mask = same if mask is None else mask & same
     if probs_fn is None:
         out, _ = dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, dtype=dtype, mask_value=mask_value)
         return out

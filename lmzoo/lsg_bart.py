@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import attend
+from .attention import attend, check_segment_pair, segment_positions
 from .configuration import ConfigError, ModelConfig
 from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain
 from .lsg_attention import SPARSITY_TYPES, lsg_attention, lsh_projection_shapes
@@ -230,16 +230,18 @@ class BartAttention(nn.Module):
     def merge(self, ctx):
         return self.out_proj(ctx.reshape(ctx.shape[:-2] + (self.config.d_model,)))
 
-    def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0):
+    def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0, q_segment_ids=None, kv_segment_ids=None):
         """Dense attention (BartAttention, eager): q scaled by head_dim**-0.5; kv precomputed or from x.
 
         key_mask [B, Lk] (1 = visible), causal with queries at q_offset + i; masked scores get the float32
-        minimum added, as transformers does. ``attention_impl`` picks XLA or the block-sparse kernel.
+        minimum added, as transformers does; segment ids (packed rows) keep queries within their segment.
+        ``attention_impl`` picks XLA or the block-sparse kernel.
         """
         q = constrain(self.heads(self.q_proj(x)), ("batch", "length", "act_heads", "kv"))
         k, v = kv if kv is not None else self.project_kv(x)
         ctx = attend(q, k, v, impl=self.config.attention_impl, scale=self.head_dim**-0.5, key_mask=key_mask,
-                     causal=causal, q_offset=q_offset, dtype=self.config.compute_dtype)
+                     causal=causal, q_offset=q_offset, dtype=self.config.compute_dtype,
+                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
         return self.merge(ctx)
 
 
@@ -283,11 +285,11 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(c, c.encoder_ffn_dim)
         self.final_layer_norm = LayerNorm(**ln)
 
-    def __call__(self, x, *, mask=None, token_mask=None, lsh_projections=None):
+    def __call__(self, x, *, mask=None, token_mask=None, lsh_projections=None, segment_ids=None):
         if self.config.is_lsg:
             h = self.self_attn(x, token_mask=token_mask, lsh_projections=lsh_projections)
         else:
-            h = self.self_attn(x, key_mask=mask)
+            h = self.self_attn(x, key_mask=mask, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         x = self.self_attn_layer_norm(x + h)
         x = self.final_layer_norm(x + self.ffn(x))
         return constrain(_clamp_fp16(x), ("batch", "length", "act_embed"))
@@ -306,11 +308,19 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(c, c.decoder_ffn_dim)
         self.final_layer_norm = LayerNorm(**ln)
 
-    def __call__(self, y, *, self_kv=None, self_attn: dict, cross_kv, cross_mask=None):
+    def __call__(self, y, *, self_kv=None, self_attn: dict, cross_kv, cross_mask=None, cross_segments=(None, None)):
         y = self.self_attn_layer_norm(y + self.self_attn(y, self_kv, **self_attn))
-        y = self.encoder_attn_layer_norm(y + self.encoder_attn(y, cross_kv, key_mask=cross_mask))
+        q_seg, kv_seg = cross_segments
+        y = self.encoder_attn_layer_norm(y + self.encoder_attn(y, cross_kv, key_mask=cross_mask, q_segment_ids=q_seg,
+                                                               kv_segment_ids=kv_seg))
         y = self.final_layer_norm(y + self.ffn(y))
         return constrain(y, ("batch", "length", "act_embed"))
+
+
+def _position_embeddings(table, positions):
+    """Learned position vectors of ``positions`` ([t] shared by the batch, or [n, t]), offset by 2."""
+    p = table(positions + POSITION_OFFSET)
+    return p[None] if p.ndim == 2 else p
 
 
 def _positions(c: BartConfig, name: str):
@@ -330,11 +340,12 @@ class Encoder(nn.Module):
         self.layernorm_embedding = LayerNorm(epsilon=c.layer_norm_epsilon, **_kw(c))
         self.layers = [EncoderLayer(c, name=f"layers_{i}") for i in range(c.encoder_layers)]
 
-    def __call__(self, x, mask, lsh_projections=None):
-        """x: token embeddings (scaled) [n, t, D]; mask [n, t] 0/1. Returns [n, G + t, D] (G = 0 for BART)."""
+    def __call__(self, x, mask, lsh_projections=None, positions=None, segment_ids=None):
+        """x: token embeddings (scaled) [n, t, D]; mask [n, t] 0/1; positions [n, t] (default 0 .. t-1);
+        segment_ids [n, t] (packed rows, BART only). Returns [n, G + t, D] (G = 0 for BART)."""
         c = self.config
         t = x.shape[1]
-        x = x + self.embed_positions(jnp.arange(t) + POSITION_OFFSET)[None]
+        x = x + _position_embeddings(self.embed_positions, jnp.arange(t) if positions is None else positions)
         if c.is_lsg:
             g = self.global_embeddings(jnp.arange(c.num_global_tokens))
             x = jnp.concatenate([jnp.broadcast_to(g[None], (x.shape[0],) + g.shape).astype(x.dtype), x], axis=1)
@@ -345,7 +356,7 @@ class Encoder(nn.Module):
                 x = layer(x, token_mask=token_mask, lsh_projections=None if lsh_projections is None else lsh_projections[i])
         else:
             for layer in self.layers:
-                x = layer(x, mask=mask)
+                x = layer(x, mask=mask, segment_ids=segment_ids)
         return x
 
 
@@ -359,13 +370,13 @@ class Decoder(nn.Module):
         self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.decoder_layers)]
 
     def embed(self, y, positions):
-        y = y + self.embed_positions(positions + POSITION_OFFSET)[None]
+        y = y + _position_embeddings(self.embed_positions, positions)
         return constrain(self.layernorm_embedding(y), ("batch", "length", "act_embed"))
 
-    def __call__(self, y, cross_kvs, *, self_attn: dict, cross_mask):
-        y = self.embed(y, jnp.arange(y.shape[1]))
+    def __call__(self, y, cross_kvs, *, self_attn: dict, cross_mask, positions=None, cross_segments=(None, None)):
+        y = self.embed(y, jnp.arange(y.shape[1]) if positions is None else positions)
         for layer, kv in zip(self.layers, cross_kvs):
-            y = layer(y, self_attn=self_attn, cross_kv=kv, cross_mask=cross_mask)
+            y = layer(y, self_attn=self_attn, cross_kv=kv, cross_mask=cross_mask, cross_segments=cross_segments)
         return y
 
 
@@ -387,8 +398,11 @@ class BartModule(nn.Module):
         )
 
     # -- encoder ------------------------------------------------------------------------------------
-    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, lsh_projections=None):
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, lsh_projections=None, segment_ids=None,
+               position_ids=None):
         """Returns (encoder_last_hidden_state, cross-attention mask [n, S] 0/1 or None).
+
+        segment_ids / position_ids [n, S]: packed rows (BART only), positions restarting per segment.
 
         LSG: mask_first_token hides token 0 from the encoder and (as the original's in-place mask edit
         does) from the decoder; adaptive padding to a block multiple is added and cropped away.
@@ -403,7 +417,7 @@ class BartModule(nn.Module):
         if not c.is_lsg:
             if t > c.max_position_embeddings:
                 raise ValueError(f"input of {t} tokens exceeds max_position_embeddings={c.max_position_embeddings}")
-            return self.encoder(x, mask), attention_mask
+            return self.encoder(x, mask, positions=position_ids, segment_ids=segment_ids), attention_mask
         if c.mask_first_token:
             mask = mask.at[:, 0].set(0)
         B, G = c.block_size, c.num_global_tokens
@@ -445,7 +459,7 @@ class BartModule(nn.Module):
         return logits + self.final_logits_bias.astype(logits.dtype)
 
     def decode(self, decoder_input_ids, encoder_hidden, cross_mask=None, decoder_attention_mask=None,
-               decoder_inputs_embeds=None):
+               decoder_inputs_embeds=None, segment_ids=None, decoder_segment_ids=None, decoder_position_ids=None):
         c = self.config
         if decoder_inputs_embeds is None:
             y = self.shared(decoder_input_ids) * jnp.asarray(c.embed_scale, c.compute_dtype)
@@ -454,8 +468,10 @@ class BartModule(nn.Module):
         T = y.shape[1]
         if T > c.max_position_embeddings:
             raise ValueError(f"decoder input of {T} tokens exceeds max_position_embeddings={c.max_position_embeddings}")
-        h = self.decoder(y, self.cross_kvs(encoder_hidden), self_attn=dict(key_mask=decoder_attention_mask, causal=True),
-                         cross_mask=cross_mask)
+        self_attn = dict(key_mask=decoder_attention_mask, causal=True, q_segment_ids=decoder_segment_ids,
+                         kv_segment_ids=decoder_segment_ids)
+        h = self.decoder(y, self.cross_kvs(encoder_hidden), self_attn=self_attn, cross_mask=cross_mask,
+                         positions=decoder_position_ids, cross_segments=(decoder_segment_ids, segment_ids))
         return self.lm_logits(h)
 
     def decode_step(self, tokens, index, cache, cross_kvs, cross_mask):
@@ -547,7 +563,17 @@ class BartForConditionalGeneration(PretrainedModel):
         output_hidden_states=None,
         return_dict=None,
         lsh_key=None,
+        segment_ids=None,
+        decoder_segment_ids=None,
+        position_ids=None,
+        decoder_position_ids=None,
     ):
+        """transformers' BART forward, plus packed rows (several examples per row, as T5X packs them; plain
+        BART only): ``segment_ids`` [B, S] / ``decoder_segment_ids`` [B, T] number each row's examples 1, 2,
+        ... (0 = padding), and attention stays within a segment; ``position_ids`` / ``decoder_position_ids``
+        [B, S] / [B, T] are the learned-position indices, by default 0, 1, ... restarting at every segment
+        (without segment ids: 0 .. L-1, as the original). Decoder inputs of a packed row must be shifted
+        right per segment by the caller."""
         c = self.config
         if output_attentions or output_hidden_states:
             raise NotImplementedError("output_attentions / output_hidden_states are not supported; use model.module")
@@ -559,6 +585,15 @@ class BartForConditionalGeneration(PretrainedModel):
                 raise NotImplementedError(f"{name} is not supported")
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("pass input_ids or inputs_embeds, not both")
+        if c.is_lsg and (segment_ids is not None or decoder_segment_ids is not None):
+            raise ValueError("LSG-BART cannot take packed rows (segment_ids): its encoder's global tokens attend to and are "
+                             "seen by every token of a row, which would mix the packed examples; pack plain BART only")
+        if c.is_lsg and position_ids is not None:
+            raise NotImplementedError("position_ids are not supported by the LSG encoder")
+        check_segment_pair(segment_ids, decoder_segment_ids)
+        if segment_ids is not None:
+            position_ids = segment_positions(segment_ids) if position_ids is None else position_ids
+            decoder_position_ids = segment_positions(decoder_segment_ids) if decoder_position_ids is None else decoder_position_ids
         variables = {"params": params}
         if encoder_outputs is not None:
             enc = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs
@@ -571,8 +606,10 @@ class BartForConditionalGeneration(PretrainedModel):
             if input_ids is None and inputs_embeds is None:
                 raise ValueError("pass input_ids (or inputs_embeds or encoder_outputs)")
             enc, cross = self.module.apply(variables, input_ids, attention_mask, inputs_embeds,
-                                           self.lsh_projections(lsh_key), method=BartModule.encode)
+                                           self.lsh_projections(lsh_key), segment_ids, position_ids, method=BartModule.encode)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if segment_ids is not None:
+                raise ValueError("packed rows (segment_ids) need decoder_input_ids shifted right per segment")
             if labels is not None:
                 decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
             elif input_ids is not None:  # BART's own rule: shift the encoder input
@@ -580,7 +617,8 @@ class BartForConditionalGeneration(PretrainedModel):
             else:
                 raise ValueError("pass decoder_input_ids (or labels, or input_ids to shift)")
         logits = self.module.apply(variables, decoder_input_ids, enc, cross, decoder_attention_mask,
-                                   decoder_inputs_embeds, method=BartModule.decode)
+                                   decoder_inputs_embeds, segment_ids, decoder_segment_ids, decoder_position_ids,
+                                   method=BartModule.decode)
         loss = cross_entropy_ignore(logits, labels) if labels is not None else None
         return Seq2SeqLMOutput(logits=logits.astype(jnp.float32), encoder_last_hidden_state=enc, loss=loss)
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from .configuration import ConfigError, ModelConfig
-from .attention import attend
+from .attention import attend, check_segment_pair
 from .layers import ACTIVATIONS, Embed, Linear, RMSNorm, constrain, t5_relative_position_bucket
 from .modeling import PretrainedModel
 from .outputs import Seq2SeqLMOutput
@@ -110,10 +110,12 @@ class T5Attention(nn.Module):
     def project_kv(self, x):
         return self.heads(self.k(x)), self.heads(self.v(x))
 
-    def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0, bias_table=None, bucket_fn=None):
+    def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0, bias_table=None, bucket_fn=None,
+                 q_segment_ids=None, kv_segment_ids=None):
         """x [B,Lq,D]; kv = (k [B,Lk,H,Dk], v) precomputed, or None for self-attention on x.
 
-        T5 attention is unscaled; masks and the relative bias are passed in factored form (see attend).
+        T5 attention is unscaled; masks, segment ids (packed rows) and the relative bias are passed in
+        factored form (see attend).
         """
         q = self.heads(self.q(x))
         k, v = kv if kv is not None else self.project_kv(x)
@@ -121,6 +123,7 @@ class T5Attention(nn.Module):
         out = attend(
             q, k, v, impl=self.config.attention_impl, scale=1.0, key_mask=key_mask, causal=causal, q_offset=q_offset,
             bias_table=bias_table, bucket_fn=bucket_fn, dtype=self.config.compute_dtype,
+            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         )
         out = out.reshape(out.shape[:2] + (self.config.inner_dim,))
         return self.o(out)
@@ -163,12 +166,13 @@ class T5Block(nn.Module):
             return jnp.clip(x, -big, big)
         return x
 
-    def __call__(self, x, *, self_attn: dict, cross_kv=None, cross_mask=None, self_kv=None):
+    def __call__(self, x, *, self_attn: dict, cross_kv=None, cross_mask=None, self_kv=None, cross_segments=(None, None)):
         h = self.self_attn_norm(x)
         x = self._clamp(x + self.self_attn(h, self_kv, **self_attn))
         if self.is_decoder:
             h = self.cross_attn_norm(x)
-            x = self._clamp(x + self.cross_attn(h, cross_kv, key_mask=cross_mask))
+            q_seg, kv_seg = cross_segments
+            x = self._clamp(x + self.cross_attn(h, cross_kv, key_mask=cross_mask, q_segment_ids=q_seg, kv_segment_ids=kv_seg))
         x = self._clamp(x + self.mlp(self.mlp_norm(x)))
         return constrain(x, ("batch", "length", "act_embed"))
 
@@ -199,14 +203,16 @@ class T5Stack(nn.Module):
             max_distance=c.relative_attention_max_distance,
         )
 
-    def self_attention_args(self, key_mask=None, q_offset=0) -> dict:
-        """Mask and bias of this stack's self-attention (the bias table of block 0, shared by all blocks)."""
+    def self_attention_args(self, key_mask=None, q_offset=0, segment_ids=None) -> dict:
+        """Mask and bias of this stack's self-attention (the bias table of block 0, shared by all blocks);
+        segment_ids [B, L]: packed rows attend within their segment."""
         return dict(
             key_mask=key_mask, causal=self.is_decoder, q_offset=q_offset,
             bias_table=self.relative_attention_bias, bucket_fn=self.bucket,
+            q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
         )
 
-    def __call__(self, x, *, self_attn: dict, cross_kvs=None, cross_mask=None, self_kvs=None):
+    def __call__(self, x, *, self_attn: dict, cross_kvs=None, cross_mask=None, self_kvs=None, cross_segments=(None, None)):
         for i, blk in enumerate(self.blocks):
             x = blk(
                 x,
@@ -214,6 +220,7 @@ class T5Stack(nn.Module):
                 cross_kv=None if cross_kvs is None else cross_kvs[i],
                 cross_mask=cross_mask,
                 self_kv=None if self_kvs is None else self_kvs[i],
+                cross_segments=cross_segments,
             )
         return self.final_layer_norm(x)
 
@@ -232,10 +239,10 @@ class T5Module(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, axes=("embed", "vocab"), **kw)
 
-    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, segment_ids=None):
         x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.compute_dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
-        return self.encoder(x, self_attn=self.encoder.self_attention_args(attention_mask))
+        return self.encoder(x, self_attn=self.encoder.self_attention_args(attention_mask, segment_ids=segment_ids))
 
     def lm_logits(self, y):
         c = self.config
@@ -246,15 +253,17 @@ class T5Module(nn.Module):
     def cross_kvs(self, encoder_hidden):
         return [blk.cross_attn.project_kv(encoder_hidden) for blk in self.decoder.blocks]
 
-    def decode(self, decoder_input_ids, encoder_hidden, attention_mask=None, decoder_attention_mask=None, decoder_inputs_embeds=None):
+    def decode(self, decoder_input_ids, encoder_hidden, attention_mask=None, decoder_attention_mask=None, decoder_inputs_embeds=None,
+               segment_ids=None, decoder_segment_ids=None):
         c = self.config
         y = self.shared(decoder_input_ids) if decoder_inputs_embeds is None else decoder_inputs_embeds.astype(c.compute_dtype)
         # without decoder_attention_mask every decoder position is visible (a leading pad id is not masked)
         h = self.decoder(
             y,
-            self_attn=self.decoder.self_attention_args(decoder_attention_mask),
+            self_attn=self.decoder.self_attention_args(decoder_attention_mask, segment_ids=decoder_segment_ids),
             cross_kvs=self.cross_kvs(encoder_hidden),
             cross_mask=attention_mask,
+            cross_segments=(decoder_segment_ids, segment_ids),
         )
         return h, self.lm_logits(h)
 
@@ -335,10 +344,18 @@ class T5ForConditionalGeneration(PretrainedModel):
         return_dict=None,
         output_attentions=None,
         output_hidden_states=None,
+        segment_ids=None,
+        decoder_segment_ids=None,
     ):
+        """transformers' T5 forward, plus packed rows (several examples per row, as T5X packs them):
+        ``segment_ids`` [B, S] / ``decoder_segment_ids`` [B, T] number each row's examples 1, 2, ... (0 =
+        padding); encoder and decoder self-attention and cross-attention stay within a segment. Targets of
+        a packed row are shifted right per segment by the caller (``labels`` alone are not shifted per
+        segment). T5's relative bias needs no positions: within a segment it sees the unpacked distances."""
         c = self.config
         if output_attentions or output_hidden_states:
             raise NotImplementedError("output_attentions / output_hidden_states are not supported; use the module directly")
+        check_segment_pair(segment_ids, decoder_segment_ids)
         variables = {"params": params}
         if encoder_outputs is not None:
             enc = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs
@@ -346,13 +363,16 @@ class T5ForConditionalGeneration(PretrainedModel):
         else:
             if input_ids is None and inputs_embeds is None:
                 raise ValueError("pass input_ids (or inputs_embeds or encoder_outputs)")
-            enc = self.module.apply(variables, input_ids, attention_mask, inputs_embeds, method=T5Module.encode)
+            enc = self.module.apply(variables, input_ids, attention_mask, inputs_embeds, segment_ids, method=T5Module.encode)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids (or labels, which are shifted right into decoder inputs)")
+            if segment_ids is not None:
+                raise ValueError("packed rows (segment_ids) need decoder_input_ids shifted right per segment")
             decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
         _, logits = self.module.apply(
-            variables, decoder_input_ids, enc, attention_mask, decoder_attention_mask, decoder_inputs_embeds, method=T5Module.decode
+            variables, decoder_input_ids, enc, attention_mask, decoder_attention_mask, decoder_inputs_embeds,
+            segment_ids, decoder_segment_ids, method=T5Module.decode
         )
         loss = cross_entropy_ignore(logits, labels) if labels is not None else None
         return Seq2SeqLMOutput(logits=logits.astype(jnp.float32), encoder_last_hidden_state=enc, loss=loss)
