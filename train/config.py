@@ -81,6 +81,7 @@ class DataSection:
     target_len: int = 64  # decoder length (encoder-decoder objectives)
     seed: int = 0
     prefetch: int = 2  # batches built ahead in a background thread
+    pack: bool = False  # several examples per row with segment ids (longlm, seq2seq, bart on T5 / BART; see packing.py)
 
 
 @dataclasses.dataclass(frozen=True)

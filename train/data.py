@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import DataSection, TrainConfigError
 
-__all__ = ["read_corpus", "token_chunks", "make_examples", "Loader"]
+__all__ = ["read_corpus", "token_chunks", "document_pieces", "make_examples", "Loader"]
 
 
 def _format(path: str, fmt: str) -> str:
@@ -76,12 +76,28 @@ def token_chunks(docs_ids: Sequence[Sequence[int]], length: int, separator: Opti
     return stream[: n * length].reshape(n, length)
 
 
-def make_examples(docs: list, tokenizer, objective, data: DataSection, path: str = "corpus") -> Sequence[Any]:
-    """Tokenise a corpus into the kind of examples ``objective`` builds batches from."""
+def document_pieces(docs_ids: Sequence[Sequence[int]], length: int, min_length: int = 2) -> list[np.ndarray]:
+    """Each document cut into consecutive pieces of at most ``length`` tokens (the last one shorter); pieces
+    never cross a document boundary, and pieces under ``min_length`` tokens are dropped. The examples of
+    packed pretraining: a short document is one short example, several of which share a row."""
+    out = []
+    for ids in docs_ids:
+        ids = np.asarray(ids, np.int32)
+        out += [ids[i : i + length] for i in range(0, len(ids), length) if len(ids[i : i + length]) >= min_length]
+    if not out:
+        raise TrainConfigError(f"the corpus has no document of {min_length} tokens or more")
+    return out
+
+
+def make_examples(docs: list, tokenizer, objective, data: DataSection, path: str = "corpus", *, pack: bool = False) -> Sequence[Any]:
+    """Tokenise a corpus into the kind of examples ``objective`` builds batches from. With ``pack``,
+    pretraining text is cut per document (:func:`document_pieces`) rather than as one stream."""
     kind = objective.kind
     enc = tokenizer.encode
     if kind == "tokens":
         texts = [_field(d, data.text_key if not isinstance(d, str) else "text", path) for d in docs]
+        if pack:
+            return document_pieces([enc(t) for t in texts], objective.example_len)
         return token_chunks([enc(t) for t in texts], objective.example_len, getattr(objective, "doc_separator", None))
     if kind == "pairs":
         return [(enc(_field(d, data.source_key, path)), enc(_field(d, data.target_key, path))) for d in docs]

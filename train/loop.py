@@ -30,6 +30,7 @@ from .logger import MetricsLogger, Progress, Throughput, peak_flops_per_device
 from .mesh import global_batch, host_rows, mesh_from_config
 from .metrics import METRICS
 from .objectives import make_objective
+from .packing import pack_groups
 from .tokenizer import Tokenizer, load_tokenizer
 from .trainer import Trainer
 
@@ -274,13 +275,17 @@ def run(
     if objective.families and model.family not in objective.families:
         raise TrainConfigError(f"objective {objective.name!r} trains {objective.families}, not a {model.family!r} model")
     if train_docs is not None:
-        train_examples = make_examples(train_docs, tokenizer, objective, cfg.data, cfg.data.train)
+        train_examples = make_examples(train_docs, tokenizer, objective, cfg.data, cfg.data.train, pack=cfg.data.pack)
     if eval_docs is not None:
         eval_examples = make_examples(eval_docs, tokenizer, objective, cfg.data, cfg.data.eval)
 
     B = cfg.data.batch_size
     rows = host_rows(B)
-    loader = Loader(train_examples, objective.build, batch_size=B, rows=rows, seed=cfg.data.seed, host=jax.process_index(), prefetch=cfg.data.prefetch)
+    build = objective.build
+    if cfg.data.pack:  # rows are groups of examples, fixed once per run (eval batches stay one example per row)
+        train_examples = pack_groups(train_examples, objective.pack_lengths, cfg.data.seq_len, cfg.data.target_len, seed=cfg.data.seed)
+        build = objective.build_packed
+    loader = Loader(train_examples, build, batch_size=B, rows=rows, seed=cfg.data.seed, host=jax.process_index(), prefetch=cfg.data.prefetch)
     total = cfg.loop.steps
     trainer = Trainer(model, objective, cfg.optim, mesh, total_steps=total, z_loss=cfg.loop.z_loss)
     if latest is not None:

@@ -5,6 +5,10 @@
 * ``loss(model, params, batch, rng, z_loss) -> dict`` of float32 *sums* with a ``count`` to divide by,
   computed with the model's pure ``forward``.
 
+Encoder-decoder objectives that can pack (``data.pack``: longlm, seq2seq and bart on T5 / BART) also
+give ``example(x, rng) -> (inputs, targets)`` for one example and ``pack_lengths(x)``, the upper bounds
+of its built lengths; ``build_packed`` lays groups of them out as packed rows (``lmzoo.train.packing``).
+
 ``OBJECTIVES`` maps config names to classes; the loader feeds each the kind of example it asks for.
 """
 
@@ -46,7 +50,12 @@ class Objective:
         self.vocab = vocab
         self.seq_len = data.seq_len
         self.target_len = data.target_len
+        self.pack = bool(getattr(data, "pack", False))
         self.check()
+        if self.pack:
+            reason = self.pack_refusal()
+            if reason:
+                raise TrainConfigError(f"data.pack=true: objective {self.name!r} cannot pack rows: {reason}")
 
     def check(self) -> None:
         """Validate options against the lengths (raise TrainConfigError)."""
@@ -61,6 +70,44 @@ class Objective:
 
     def loss(self, model, params, batch, rng, *, z_loss: float = 0.0) -> dict:
         raise NotImplementedError
+
+    # -- packing (data.pack) ---------------------------------------------------------------------
+    def pack_refusal(self) -> str:
+        """Why this objective cannot pack rows ("" when it can)."""
+        return ("it lays out one example per row (packing with segment ids is implemented for the encoder-decoder "
+                "objectives longlm, seq2seq and bart on T5 / BART models)")
+
+    @property
+    def family(self) -> str:
+        return getattr(self.model_config, "family", "")
+
+    def example(self, x, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """(inputs, targets) of one example, as ``build`` lays it out in an unpacked row."""
+        raise NotImplementedError
+
+    def pack_lengths(self, x) -> tuple[int, int]:
+        """Upper bounds of ``example(x, .)``'s (input, target) lengths: the room a packed row keeps for it."""
+        raise NotImplementedError
+
+    def decoder_start(self) -> int:
+        raise NotImplementedError
+
+    def build_packed(self, groups: Sequence[Sequence[Any]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """One packed row per group (see ``lmzoo.train.packing``). An example longer than its budget (a
+        rare worst case of the noise) is cut to it as the unpacked layout cuts at the row length."""
+        from ..packing import packed_seq2seq_arrays
+
+        rows = []
+        for group in groups:
+            row = []
+            for x in group:
+                inputs, targets = self.example(x, rng)
+                e, d = self.pack_lengths(x)
+                if len(inputs) > e:
+                    inputs = list(inputs[: e - 1]) + [inputs[-1]]  # keep the closing </s>
+                row.append((inputs, list(targets[:d])))
+            rows.append(row)
+        return packed_seq2seq_arrays(rows, self.seq_len, self.target_len, self.vocab.pad, self.decoder_start())
 
     def num_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Tokens processed for a batch (for tokens/s): non-pad encoder + decoder positions."""

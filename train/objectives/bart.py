@@ -88,25 +88,43 @@ class BartDenoising(Objective):
     def example_len(self) -> int:
         return min(self.seq_len, self.target_len) - 2
 
+    def decoder_start(self) -> int:
+        start = self.opts["decoder_start_token_id"]
+        if start is None:
+            start = getattr(self.model_config, "decoder_start_token_id", None)
+        return int(self.vocab.eos if start is None else start)
+
+    def example(self, x, rng):
+        o, v = self.opts, self.vocab
+        stops = set(int(i) for i in o["full_stop_ids"])
+        x = [int(t) for t in x]
+        src = permute_sentences(x, rng, stops) if stops and rng.random() < o["permute_sentences"] else list(x)
+        src, _ = text_infilling(src, rng, mask_ratio=o["mask_ratio"], lam=o["poisson_lambda"], mask_id=v.mask,
+                                vocab_size=v.size, mask_random=o["mask_random"])
+        return ([v.bos] + src)[: self.seq_len - 1] + [v.eos], [v.bos] + x + [v.eos]
+
     def build(self, examples, rng):
         from .longlm import seq2seq_arrays
 
-        o, v = self.opts, self.vocab
-        start = o["decoder_start_token_id"]
-        if start is None:
-            start = getattr(self.model_config, "decoder_start_token_id", None)
-        if start is None:
-            start = v.eos
-        stops = set(int(i) for i in o["full_stop_ids"])
-        inputs, targets = [], []
-        for x in examples:
-            x = [int(t) for t in x]
-            src = permute_sentences(x, rng, stops) if stops and rng.random() < o["permute_sentences"] else list(x)
-            src, _ = text_infilling(src, rng, mask_ratio=o["mask_ratio"], lam=o["poisson_lambda"], mask_id=v.mask,
-                                    vocab_size=v.size, mask_random=o["mask_random"])
-            inputs.append(([v.bos] + src)[: self.seq_len - 1] + [v.eos])
-            targets.append([v.bos] + x + [v.eos])
-        return seq2seq_arrays(inputs, targets, self.seq_len, self.target_len, v.pad, int(start))
+        inputs, targets = zip(*(self.example(x, rng) for x in examples))
+        return seq2seq_arrays(inputs, targets, self.seq_len, self.target_len, self.vocab.pad, self.decoder_start())
+
+    # -- packing: chunks of one document each, several per row (plain BART) ------------------------
+    def pack_refusal(self):
+        return _lsg_refusal(self.family)
+
+    def pack_lengths(self, x):
+        """``<s> x </s>`` on both sides: infilling collapses each masked span to one token (a zero-length
+        span inserts one, rarely beyond n: such an input is cut to n + 2, as rows are cut at seq_len)."""
+        n = len(x) + 2
+        return min(n, self.seq_len), min(n, self.target_len)
 
     def loss(self, model, params, batch, rng, *, z_loss=0.0):
         return seq2seq_loss(model, params, batch, z_loss=z_loss)
+
+
+def _lsg_refusal(family: str) -> str:
+    if family == "lsg_bart":
+        return ("LSG-BART's encoder global tokens attend to and are seen by every token of a row, which would mix "
+                "packed examples (pack plain BART models)")
+    return ""

@@ -88,21 +88,42 @@ class LongLMPretraining(Objective):
     def example_len(self) -> int:
         return self.seq_len - 1  # room for </s>; infilling only shortens the input
 
-    def build(self, examples, rng):
+    def _example(self, x, rng):
         o, v = self.opts, self.vocab
-        inputs, targets, is_cont = [], [], []
-        for x in examples:
-            if rng.random() < o["continuation_prob"]:
-                i, t, _ = continuation(x, rng, marker=v.sentinel(o["first_sentinel"]))
-                is_cont.append(1)
-            else:
-                i, t, _ = span_infilling(
-                    x, rng, mask_rate=o["mask_rate"], span_lambda=o["span_lambda"], sentinels=v.sentinels, first_sentinel=o["first_sentinel"]
-                )
-                is_cont.append(0)
-            inputs.append(i[: self.seq_len - 1] + [v.eos])
-            targets.append((t + [v.eos])[: self.target_len])
-        return seq2seq_arrays(inputs, targets, self.seq_len, self.target_len, v.pad, o["decoder_start_token_id"], task=is_cont)
+        if rng.random() < o["continuation_prob"]:
+            i, t, _ = continuation(x, rng, marker=v.sentinel(o["first_sentinel"]))
+            cont = 1
+        else:
+            i, t, _ = span_infilling(
+                x, rng, mask_rate=o["mask_rate"], span_lambda=o["span_lambda"], sentinels=v.sentinels, first_sentinel=o["first_sentinel"]
+            )
+            cont = 0
+        return i[: self.seq_len - 1] + [v.eos], (t + [v.eos])[: self.target_len], cont
+
+    def build(self, examples, rng):
+        inputs, targets, is_cont = zip(*(self._example(x, rng) for x in examples))
+        return seq2seq_arrays(inputs, targets, self.seq_len, self.target_len, self.vocab.pad, self.decoder_start(), task=is_cont)
+
+    # -- packing: chunks of one document each, several per row ------------------------------------
+    def pack_refusal(self):
+        return ""
+
+    def example(self, x, rng):
+        return self._example(x, rng)[:2]
+
+    def decoder_start(self):
+        return int(self.opts["decoder_start_token_id"])
+
+    def pack_lengths(self, x):
+        """Input: at most n + 1 (continuation: front + marker + </s>; infilling only shortens). Target:
+        infilling's k spans of m masked tokens need k + m + 1 <= 2m + 1; a continuation target (up to
+        n + 1) gets the room an unpacked row gives per input token, ``target_len * (n + 1) / seq_len``, and
+        is cut there as an unpacked row cuts it at ``target_len``."""
+        o, n = self.opts, len(x)
+        m = min(max(int(round(o["mask_rate"] * n)), 1), n - 1)
+        share = -(-self.target_len * (n + 1) // self.seq_len)
+        dec = max(min(n + 1, share) if o["continuation_prob"] > 0 else 0, 2 * m + 1 if o["continuation_prob"] < 1 else 0)
+        return min(n + 1, self.seq_len), min(dec, self.target_len)
 
     def loss(self, model, params, batch, rng, *, z_loss=0.0):
         return seq2seq_loss(model, params, batch, z_loss=z_loss)

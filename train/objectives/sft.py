@@ -28,8 +28,20 @@ def seq2seq_loss(model, params, batch, *, z_loss=0.0, label_smoothing=0.0):
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         decoder_input_ids=batch["decoder_input_ids"],
+        **packed_kwargs(model, batch),
     )
     return token_cross_entropy(out.logits, batch["labels"], z_loss=z_loss, label_smoothing=label_smoothing)
+
+
+def packed_kwargs(model, batch) -> dict:
+    """The packed-row inputs of a batch (``lmzoo.train.packing``) that ``model.forward`` takes: segment ids
+    always, per-segment positions where positions are learned (BART; T5's relative bias needs none)."""
+    import inspect
+
+    from ..packing import PACKED_KEYS
+
+    takes = inspect.signature(model.forward).parameters
+    return {k: batch[k] for k in PACKED_KEYS if k in batch and k in takes}
 
 
 @register
@@ -55,14 +67,32 @@ class Seq2SeqFineTuning(Objective):
                 "attention_mask": pad_to([[1] * len(r) for r in srcs], self.seq_len, 0),
                 "labels": pad_to(tgts, self.target_len, c.pad_token_id),
             }
+        inputs, targets = zip(*(self.example(x, rng) for x in examples))
+        return seq2seq_arrays(inputs, targets, self.seq_len, self.target_len, v.pad, self.decoder_start())
+
+    def decoder_start(self) -> int:
         start = self.opts["decoder_start_token_id"]
         if start is None:
             start = getattr(self.model_config, "decoder_start_token_id", None)
         if start is None:
             raise TrainConfigError("seq2seq: set objective.options.decoder_start_token_id (the model config has none)")
-        inputs = [list(s)[: self.seq_len - 1] + [v.eos] for s, _ in examples]
-        targets = [(list(t) + [v.eos])[: self.target_len] for _, t in examples]
-        return seq2seq_arrays(inputs, targets, self.seq_len, self.target_len, v.pad, int(start))
+        return int(start)
+
+    def example(self, x, rng):
+        s, t = x
+        return list(s)[: self.seq_len - 1] + [self.vocab.eos], (list(t) + [self.vocab.eos])[: self.target_len]
+
+    # -- packing: several (source, target) pairs per row (T5, BART) ----------------------------------
+    def pack_refusal(self):
+        from .bart import _lsg_refusal
+
+        if self._is_palm:
+            return "PALM's forward shifts its labels itself and takes no segment ids"
+        return _lsg_refusal(self.family)
+
+    def pack_lengths(self, x):
+        s, t = x
+        return min(len(s) + 1, self.seq_len), min(len(t) + 1, self.target_len)
 
     @property
     def _is_palm(self) -> bool:
