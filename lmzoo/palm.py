@@ -332,18 +332,21 @@ def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
     return pe
 
 
-def presumm_attention(q, k, v, *, blocked=None, invalid=None, dtype=jnp.float32):
-    """q [B,Q,H,d], k/v [B,K,H,d]. ``blocked`` (True = masked_fill -1e18) and ``invalid`` (True = no key
-    at all: cache slots not written yet) broadcast to [B,H,Q,K]. Returns (out [B,Q,H,d], probs [B,H,Q,K])."""
+def presumm_attention(q, k, v, *, blocked=None, invalid=None, dtype=jnp.float32, kv_transposed=False):
+    """q [B,Q,H,d], k/v [B,K,H,d] ([B,H,d,K] with ``kv_transposed``: how decoding keeps the source keys
+    and values, so that every step's two matmuls read them as they are, without a per-step transpose). ``blocked`` (True = masked_fill
+    -1e18) and ``invalid`` (True = no key at all: cache slots not written yet) broadcast to [B,H,Q,K].
+    Returns (out [B,Q,H,d], probs [B,H,Q,K])."""
     d = q.shape[-1]
     q = q.astype(dtype) / jnp.asarray(math.sqrt(d), dtype)  # divided before the matmul, as the original
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(dtype)).astype(jnp.float32)
+    kv = "bhdk" if kv_transposed else "bkhd"
+    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k.astype(dtype)).astype(jnp.float32)
     if blocked is not None:
         scores = jnp.where(blocked, jnp.float32(MASK_VALUE), scores)
     if invalid is not None:
         scores = jnp.where(invalid, -jnp.inf, scores)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+    out = jnp.einsum(f"bhqk,{kv}->bqhd", probs.astype(dtype), v.astype(dtype))
     return out, probs
 
 
@@ -381,7 +384,7 @@ class PresummAttention(nn.Module):
     def project_kv(self, x):
         return self.split(self.linear_keys(x)), self.split(self.linear_values(x))
 
-    def __call__(self, x, kv, *, blocked=None, invalid=None, kernel=None):
+    def __call__(self, x, kv, *, blocked=None, invalid=None, kernel=None, kv_transposed=False):
         """``kernel`` (attention_impl="pallas"): the masks in factored form for the block-sparse kernel —
         ``key_mask`` [B, K] and ``causal`` as :func:`lmzoo.attention.attend` takes them, and optionally
         ``uniform_rows`` [B, Q] / ``uniform_keys`` [B, K]: rows that attend uniformly over those keys
@@ -403,7 +406,9 @@ class PresummAttention(nn.Module):
                 out = jnp.where(rows[:, :, None, None], mean[:, None].astype(out.dtype), out)
             probs = None
         else:
-            out, probs = presumm_attention(q, *kv, blocked=blocked, invalid=invalid, dtype=self.config.compute_dtype)
+            out, probs = presumm_attention(
+                q, *kv, blocked=blocked, invalid=invalid, dtype=self.config.compute_dtype, kv_transposed=kv_transposed
+            )
         return self.final_linear(out.reshape(out.shape[:2] + (self.config.dec_hidden_size,))), probs
 
 
@@ -516,7 +521,7 @@ class PalmModule(nn.Module):
     def decode_step(self, tokens, index, pe_row, cache, memory_kvs, ctx_blocked):
         """One incremental step for rows [B,K]: tokens [B,K] at position ``index``; cache per layer
         (k, v) [B*K,H,M,d], head-major so the step reads it without a transpose; memory_kvs per layer
-        [B,S,H,d] shared by an item's K beams.
+        (k, v) [B,H,d,S] shared by an item's K beams ([B,S,H,d] with attention_impl="pallas").
 
         The self-attention mask follows the original's incremental rule: only the current token counts.
         """
@@ -549,7 +554,9 @@ class PalmModule(nn.Module):
                 q = att.split(att.linear_query(a)).reshape(N, H, -1)
                 out = att.final_linear(cached_attention(q, kc, vc, is_pad=is_pad, written=written, dtype=c.compute_dtype).reshape(N, D))
             x = out.reshape(B, K, D) + x
-            mid, _ = layer.context_attn(layer.layer_norm_2(x), mkv, blocked=ctx_blocked, kernel=ctx_kernel)
+            mid, _ = layer.context_attn(
+                layer.layer_norm_2(x), mkv, blocked=ctx_blocked, kernel=ctx_kernel, kv_transposed=ctx_kernel is None
+            )
             x = layer.feed_forward(mid + x)
         h = self.decoder.layer_norm(x)
         return self.generator(h), new_cache
@@ -664,6 +671,8 @@ def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids,
     v = {"params": params}
     memory = module.apply(v, input_ids, attention_mask, method=PalmModule.encode)
     memory_kvs = module.apply(v, memory, method=PalmModule.memory_kvs)
+    if c.attention_impl != "pallas":  # source keys / values as every step's matmuls read them: [B,H,d,S]
+        memory_kvs = [tuple(jnp.transpose(t, (0, 2, 3, 1)) for t in kv) for kv in memory_kvs]
     ctx_blocked = (input_ids == c.decoder_padding_idx)[:, None, None, :]
     pe = jnp.asarray(sinusoid_table(M, c.dec_hidden_size))
     lps = jnp.asarray(_length_penalties(M, settings.alpha))
