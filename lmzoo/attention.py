@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import dot_product_attention
+from .layers import KV_LAYOUTS, dot_product_attention
 
 __all__ = ["attend", "kernel_block", "segment_positions", "check_segment_pair"]
 
@@ -78,6 +78,7 @@ def attend(
     replace_masked: bool = False,
     q_segment_ids=None,
     kv_segment_ids=None,
+    kv_layout: str = "blhd",
 ):
     """Softmax attention of q [B,Lq,H,D] over k/v [B,Lk,H,D]; returns [B,Lq,H,D] in ``dtype``.
 
@@ -103,9 +104,15 @@ def attend(
     with zero gradients) and such rows, found in O(B·(Lq+Lk)) from the factored masks, get the mean of all
     values, whose gradient reaches v only, as the original's does. (Adding the float32 minimum gives the
     same forward, but its backward passes a softmax gradient to the scores of a fully masked row.)
+
+    kv_layout: "blhd" (k/v [B,Lk,H,D]), "bhld" or "bhdl". Decoding loops keep their caches head-major
+    ("bhld" for the growing self-attention cache, "bhdl" for the fixed cross-attention keys / values), the
+    layouts the XLA step's matmuls read as they are, so no cache is transposed in every step.
     """
     B, Lq, H, _ = q.shape
-    Lk = k.shape[1]
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {sorted(KV_LAYOUTS)}, got {kv_layout!r}")
+    Lk = k.shape[{"blhd": 1, "bhld": 2, "bhdl": 3}[kv_layout]]
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids go together")
     if q_segment_ids is not None and replace_masked:
@@ -115,6 +122,10 @@ def attend(
             raise ValueError("attention_impl='pallas' has no attention-probability dropout; run deterministic, "
                              "set the attention dropout to 0, or use attention_impl='xla'")
         from lmzoo.kernels.block_sparse_attention import block_sparse_attention, relative_positions
+
+        if kv_layout != "blhd":  # the kernel reads [B, L, H, D]
+            order = {"bhld": (0, 2, 1, 3), "bhdl": (0, 3, 1, 2)}[kv_layout]
+            k, v = jnp.transpose(k, order), jnp.transpose(v, order)
 
         bq, bk = kernel_block(Lq), kernel_block(Lk)
         # decoding with a cache: q_offset is traced; the causal layout must cover every offset
@@ -158,8 +169,12 @@ def attend(
         same = jnp.asarray(q_segment_ids)[:, None, :, None] == jnp.asarray(kv_segment_ids)[:, None, None, :]
         mask = same if mask is None else mask & same
     if probs_fn is None:
-        out, _ = dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, dtype=dtype, mask_value=mask_value)
+        out, _ = dot_product_attention(
+            q, k, v, bias=bias, mask=mask, scale=scale, dtype=dtype, mask_value=mask_value, kv_layout=kv_layout
+        )
         return out
+    if kv_layout != "blhd":
+        raise ValueError("probs_fn takes keys and values as [B, L, H, D] (kv_layout='blhd')")
     qs = q.astype(dtype) * jnp.asarray(scale, dtype) if scale != 1.0 else q.astype(dtype)
     scores = jnp.einsum("bqhd,bkhd->bhqk", qs, k.astype(dtype)).astype(jnp.float32)
     if bias is not None:

@@ -154,14 +154,18 @@ def dot_product_attention(
     scale: float = 1.0,
     dtype: Any = jnp.float32,
     mask_value: Optional[float] = None,
+    kv_layout: str = "blhd",
 ) -> tuple[Array, Array]:
     """Plain XLA attention. q [B,Lq,H,D], k/v [B,Lk,H,D]; bias/mask broadcast to [B,H,Lq,Lk].
 
     Masked scores are replaced by ``mask_value`` (default: the float32 minimum, as transformers
     does, so a fully masked row attends uniformly instead of producing NaN). Softmax in float32.
+    ``kv_layout`` names how k and v are laid out: "blhd" (above), "bhld" or "bhdl" — decoding keeps its
+    caches head-major so that every step's matmuls read them without a transpose.
     Returns (out [B,Lq,H,D], probs [B,H,Lq,Lk]).
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype) * jnp.asarray(scale, dtype) if scale != 1.0 else q.astype(dtype), k.astype(dtype))
+    kv = KV_LAYOUTS[kv_layout]
+    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q.astype(dtype) * jnp.asarray(scale, dtype) if scale != 1.0 else q.astype(dtype), k.astype(dtype))
     scores = scores.astype(jnp.float32)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
@@ -169,8 +173,12 @@ def dot_product_attention(
         fill = jnp.finfo(jnp.float32).min if mask_value is None else mask_value
         scores = jnp.where(mask, scores, fill)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+    out = jnp.einsum(f"bhqk,{kv}->bqhd", probs.astype(dtype), v.astype(dtype))
     return out, probs
+
+
+# einsum operand spelling (k: key index) of each key/value layout dot_product_attention accepts
+KV_LAYOUTS = {"blhd": "bkhd", "bhld": "bhkd", "bhdl": "bhdk"}
 
 
 def t5_relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):

@@ -566,3 +566,20 @@ def test_bad_arguments_raise():
                                    bias_table=jnp.zeros((4, 2)), bias_buckets=jnp.zeros(3, jnp.int32))
     with pytest.raises(ValueError, match="qkv_layout"):
         bsa.block_sparse_attention(q, q, q, bsa.dense_layout(16, 16, 8, 8), qkv_layout="lbhd")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_attend_reads_head_major_kv_layouts(impl):
+    """attend() gives the same result for k / v stored [B,L,H,D], [B,H,L,D] or [B,H,D,L] (decoding caches)."""
+    from lmzoo.attention import attend
+
+    r = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(r.normal(size=(2, n, 4, 8)), jnp.float32) for n in (3, 7, 7))
+    kw = dict(key_mask=jnp.asarray(r.random((2, 7)) > 0.3).at[:, 0].set(True), causal=True, q_offset=4,
+              bias_table=jnp.asarray(r.normal(size=(5, 4)), jnp.float32), bucket_fn=lambda rel: jnp.clip(rel + 4, 0, 4))
+    want = attend(q, k, v, impl="xla", **kw)
+    for layout, order in (("bhld", (0, 2, 1, 3)), ("bhdl", (0, 2, 3, 1))):
+        got = attend(q, jnp.transpose(k, order), jnp.transpose(v, order), impl=impl, kv_layout=layout, **kw)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kv_layout"):
+        attend(q, k, v, kv_layout="lbhd")
