@@ -31,12 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config.json to use when SRC has none: GLM Megatron model-parallel shards "
                    "(mp_rank_XX_model_states.pt) are merged one tensor at a time")
     lsg = p.add_argument_group(
-        "--to-lsg: turn an encoder checkpoint (BART, COCO-LM) into an LSG one for long inputs")
+        "--to-lsg: turn an encoder checkpoint (BART, COCO-LM, T5/LongLM) into an LSG one for long inputs")
     lsg.add_argument("--to-lsg", action="store_true",
                      help="write the LSG config keys and 512 global-token embeddings; learned absolute positions "
-                     "(BART, COCO-LM) are extended by tiling, relative-position biases (COCO-LM) need nothing")
+                     "(BART, COCO-LM) are extended by tiling, relative-position biases (COCO-LM, T5) need nothing")
     lsg.add_argument("--max-length", type=int, default=16384,
-                     help="new max_position_embeddings (default 16384)")
+                     help="new max_position_embeddings (BART, COCO-LM; T5: the tokenizer's model_max_length) (default 16384)")
     lsg.add_argument("--block-size", type=int, default=256, help="LSG local block size (default 256)")
     lsg.add_argument("--sparse-block-size", type=int, default=128)
     lsg.add_argument("--sparsity-factor", type=int, default=2)
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     lsg.add_argument("--mask-first-token", action="store_true")
     lsg.add_argument("--mask-token-id", type=int, default=None,
                      help="token whose embedding seeds globals 1.. (default: <mask> from the tokenizer files for BART, "
-                     "COCO-LM's last id [MASK])")
+                     "COCO-LM's last id [MASK], T5's eos)")
     lsg.add_argument("--random-global-init", action="store_true",
                      help="globals drawn from a Gaussian fitted to the token embeddings instead")
     lsg.add_argument("--seed", type=int, default=123, help="seed of the global-token initialisation")

@@ -1,12 +1,12 @@
 """``--to-lsg``: a short-input encoder checkpoint -> an LSG one for long inputs, for every family with an
-encoder whose self-attention LSG replaces (BART, COCO-LM), the way the LSG authors' converters do.
+encoder whose self-attention LSG replaces (BART, COCO-LM, T5/LongLM), the way the LSG authors' converters do.
 
 Shared here: the LSG config keys written to config.json, tiling a learned position table
 (``update_positions``), the 512-row global table (``order_positions`` + ``update_global`` /
 ``update_global_randomly``), streaming the source tensors through the family's key map with those
 changes, and the atomic write. What differs per family (which table to tile, which token embeddings
 seed the globals) is a few lines in the family's converter module: :func:`lmzoo.convert.lsg_bart.bart_to_lsg`,
-:func:`lmzoo.convert.cocolm.cocolm_to_lsg`; :func:`to_lsg` picks one
+:func:`lmzoo.convert.cocolm.cocolm_to_lsg`, :func:`lmzoo.convert.t5.t5_to_lsg`; :func:`to_lsg` picks one
 from the source's config.json.
 """
 
@@ -32,7 +32,7 @@ __all__ = [
     "to_lsg",
 ]
 
-LSG_FAMILIES = ("bart", "cocolm")  # families whose encoder LSG attention can replace
+LSG_FAMILIES = ("bart", "cocolm", "t5")  # families whose encoder LSG attention can replace
 
 
 def lsg_config_keys(*, block_size: int, sparse_block_size: int = 128, sparsity_factor: int = 2,
@@ -77,7 +77,7 @@ def global_embeddings(shared: np.ndarray, positions: Optional[np.ndarray], *, bo
     """The 512 x D global table (``update_global`` / ``update_global_randomly``).
 
     positions: the learned position table without offset rows, or None for a model without absolute
-    positions (no position part). Default: global 0 = position + E[bos], global k = position + E[mask].
+    positions (T5: no position part). Default: global 0 = position + E[bos], global k = position + E[mask].
     random_init: rows drawn from a Gaussian fitted to the token embeddings (row 0 = E[bos]) plus the
     positions. extra: a vector added to every row (BERT-style token type 0).
     """
@@ -190,7 +190,7 @@ def convert_planned_to_lsg(
 
 
 def to_lsg(src_dir, dst_dir, *, overwrite: bool = False, **kwargs) -> tuple[str, str]:
-    """Convert ``src_dir`` (a BART or COCO-LM checkpoint folder, or an LSG one of them) into an
+    """Convert ``src_dir`` (a BART, COCO-LM or T5/LongLM checkpoint folder, or an LSG one of them) into an
     LSG folder ``dst_dir``; the family is read from config.json. Returns (dst, family). ``kwargs`` are the
     family converter's (``max_length``, ``block_size``, the LSG keys, ``mask_token_id``, ``format`` ...);
     nothing is written when the source or a setting is refused."""
@@ -207,11 +207,13 @@ def to_lsg(src_dir, dst_dir, *, overwrite: bool = False, **kwargs) -> tuple[str,
     family = "bart" if family == "lsg_bart" else family
     if family not in LSG_FAMILIES:
         why = {"glm": "GLM has no encoder (one stack with a bidirectional prefix)"}.get(family, f"{family} is not one of them")
-        raise ConversionError(f"{src_dir}: --to-lsg replaces the self-attention of an encoder: BART or COCO-LM "
-                              f"checkpoints; {why}")
+        raise ConversionError(f"{src_dir}: --to-lsg replaces the self-attention of an encoder: BART, COCO-LM or "
+                              f"T5/LongLM checkpoints; {why}")
     _check_dst(dst_dir, overwrite)
     if family == "bart":
         from .lsg_bart import bart_to_lsg as convert
-    else:
+    elif family == "cocolm":
         from .cocolm import cocolm_to_lsg as convert
+    else:
+        from .t5 import t5_to_lsg as convert
     return convert(src_dir, dst_dir, **kwargs), family

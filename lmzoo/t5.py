@@ -4,6 +4,11 @@ Pre-RMSNorm blocks, unscaled attention with a relative-position bias table that 
 each stack and is shared by all its blocks, ReLU or gated-GELU FFN, tied head scaled by
 ``d_model**-0.5`` (untied head unscaled). Attention inner width is ``num_heads*d_kv``, which may differ
 from d_model (LongLM-large).
+
+LSG-T5 (a config.json with the LSG keys, written by ``lmzoo convert --to-lsg``): the encoder's
+self-attention is LSG attention (:mod:`lmzoo.lsg_attention`, the relative bias at the positions it
+describes) over ``num_global_tokens`` learned global rows prepended to the token embeddings, as LSG-BART's
+encoder does; the decoder is unchanged and by default cross-attends to the globals too.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import jax.numpy as jnp
 from .configuration import ConfigError, ModelConfig
 from .attention import attend, check_segment_pair
 from .layers import ACTIVATIONS, Embed, Linear, RMSNorm, constrain, t5_relative_position_bucket
+from .lsg_attention import MIN, LSGFields, draw_lsh_projections, has_lsg_keys, lsg_attention
 from .modeling import PretrainedModel
 from .outputs import Seq2SeqLMOutput
 
-__all__ = ["T5Config", "T5Module", "T5ForConditionalGeneration", "model_class"]
+__all__ = ["T5Config", "LSGT5Config", "T5Module", "T5ForConditionalGeneration", "LSGT5ForConditionalGeneration",
+           "model_class"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,6 +81,10 @@ class T5Config(ModelConfig):
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
+    @property
+    def is_lsg(self) -> bool:
+        return False
+
     @classmethod
     def from_hf_config(cls, hf, **runtime):
         cfg = super().from_hf_config(hf, **runtime)
@@ -89,6 +100,23 @@ class T5Config(ModelConfig):
         out["dense_act_fn"] = "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
         out["is_gated_act"] = self.is_gated
         return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSGT5Config(LSGFields, T5Config):
+    """T5 with LSG attention in the encoder: the LSG keys of :class:`LSGFields` plus, as LSG-BART,
+    ``pass_global_tokens_to_decoder`` (False: the globals are dropped from the encoder output, token 0's
+    row replaced by global 0's with ``pool_with_global``)."""
+
+    pass_global_tokens_to_decoder: bool = True
+
+    @property
+    def lsg_num_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def lsg_relative_bias(self) -> bool:
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,15 +139,22 @@ class T5Attention(nn.Module):
         return self.heads(self.k(x)), self.heads(self.v(x))
 
     def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0, bias_table=None, bucket_fn=None,
-                 q_segment_ids=None, kv_segment_ids=None):
+                 q_segment_ids=None, kv_segment_ids=None, lsg_mask=None, lsh_projections=None):
         """x [B,Lq,D]; kv = (k [B,Lk,H,Dk], v) precomputed, or None for self-attention on x.
 
         T5 attention is unscaled; masks, segment ids (packed rows) and the relative bias are passed in
-        factored form (see attend).
+        factored form (see attend). lsg_mask (LSG encoder): x is [globals; tokens] and lsg_mask the
+        additive [B, t] mask of the tokens; the attention is :func:`lsg_attention`.
         """
         q = self.heads(self.q(x))
         k, v = kv if kv is not None else self.project_kv(x)
         q = constrain(q, ("batch", "length", "act_heads", "kv"))
+        if lsg_mask is not None:
+            sw = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B,L,H,Dk] <-> [B,H,L,Dk]
+            ctx = lsg_attention(sw(q), sw(k), sw(v), lsg_mask, lsh_projections=lsh_projections, scale=1.0,
+                                bias_table=bias_table, bucket_fn=bucket_fn, **self.config.lsg_attention_kwargs())
+            out = sw(ctx).astype(self.config.compute_dtype)
+            return self.o(out.reshape(out.shape[:2] + (self.config.inner_dim,)))
         out = attend(
             q, k, v, impl=self.config.attention_impl, scale=1.0, key_mask=key_mask, causal=causal, q_offset=q_offset,
             bias_table=bias_table, bucket_fn=bucket_fn, dtype=self.config.compute_dtype,
@@ -192,6 +227,18 @@ class T5Stack(nn.Module):
         )
         self.blocks = [T5Block(c, is_decoder=self.is_decoder, name=f"block_{i}") for i in range(n)]
         self.final_layer_norm = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        if c.is_lsg and not self.is_decoder:
+            self.global_embeddings = Embed(512, c.d_model, axes=("positions", "embed"), dtype=c.compute_dtype,
+                                           param_dtype=c.params_dtype)
+
+    def prepend_globals(self, x):
+        """LSG encoder: the first num_global_tokens rows of the global table before the token embeddings."""
+        g = self.global_embeddings(jnp.arange(self.config.num_global_tokens))
+        return jnp.concatenate([jnp.broadcast_to(g[None], (x.shape[0],) + g.shape).astype(x.dtype), x], axis=1)
+
+    def lsg_attention_args(self, token_mask) -> dict:
+        """LSG encoder self-attention: the additive token mask [B, t] and this stack's bias."""
+        return dict(lsg_mask=token_mask, bias_table=self.relative_attention_bias, bucket_fn=self.bucket)
 
     def bucket(self, rel):
         """T5 bucket of rel = key_pos - query_pos (bidirectional in the encoder, causal in the decoder)."""
@@ -212,11 +259,12 @@ class T5Stack(nn.Module):
             q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
         )
 
-    def __call__(self, x, *, self_attn: dict, cross_kvs=None, cross_mask=None, self_kvs=None, cross_segments=(None, None)):
+    def __call__(self, x, *, self_attn: dict, cross_kvs=None, cross_mask=None, self_kvs=None, cross_segments=(None, None),
+                 lsh_projections=None):
         for i, blk in enumerate(self.blocks):
             x = blk(
                 x,
-                self_attn=self_attn,
+                self_attn=self_attn if lsh_projections is None else dict(self_attn, lsh_projections=lsh_projections[i]),
                 cross_kv=None if cross_kvs is None else cross_kvs[i],
                 cross_mask=cross_mask,
                 self_kv=None if self_kvs is None else self_kvs[i],
@@ -243,6 +291,34 @@ class T5Module(nn.Module):
         x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.compute_dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
         return self.encoder(x, self_attn=self.encoder.self_attention_args(attention_mask, segment_ids=segment_ids))
+
+    def encode_lsg(self, input_ids=None, attention_mask=None, inputs_embeds=None, lsh_projections=None):
+        """LSG encoder: (encoder_last_hidden_state, cross-attention mask [n, S] 0/1), as LSG-BART's encode.
+
+        ``mask_first_token`` hides token 0 from the encoder and the cross-attention; on the block path the
+        tokens are right-padded to a block multiple (pad ids, or zero rows for inputs_embeds) and cropped
+        back; globals are kept for the decoder (``pass_global_tokens_to_decoder``) or dropped.
+        """
+        c = self.config
+        G = c.num_global_tokens
+        n, t = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        mask = jnp.ones((n, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        if c.mask_first_token:
+            mask = mask.at[:, 0].set(0)
+        t_pad = c.lsg_padded_length(t)
+        if inputs_embeds is None:
+            ids = jnp.pad(input_ids, ((0, 0), (0, t_pad - t)), constant_values=c.pad_token_id)
+            x = self.shared(ids)
+        else:
+            x = jnp.pad(inputs_embeds.astype(c.compute_dtype), ((0, 0), (0, t_pad - t), (0, 0)))
+        x = constrain(self.encoder.prepend_globals(x), ("batch", "length", "act_embed"))
+        token_mask = jnp.where(jnp.pad(mask, ((0, 0), (0, t_pad - t))) == 0, jnp.float32(MIN), jnp.float32(0))
+        h = self.encoder(x, self_attn=self.encoder.lsg_attention_args(token_mask), lsh_projections=lsh_projections)
+        if c.pass_global_tokens_to_decoder:
+            return h[:, : G + t], jnp.concatenate([jnp.ones((n, G), jnp.int32), mask], axis=1)
+        if c.pool_with_global:
+            h = h.at[:, G].set(h[:, 0])
+        return h[:, G: G + t], mask
 
     def lm_logits(self, y):
         c = self.config
@@ -287,7 +363,10 @@ class T5Module(nn.Module):
         return self.lm_logits(h)[:, 0].astype(jnp.float32), new_cache
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None):
-        enc = self.encode(input_ids, attention_mask)
+        if self.config.is_lsg:
+            enc, attention_mask = self.encode_lsg(input_ids, attention_mask)
+        else:
+            enc = self.encode(input_ids, attention_mask)
         _, logits = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask)
         return logits, enc
 
@@ -346,20 +425,34 @@ class T5ForConditionalGeneration(PretrainedModel):
         output_hidden_states=None,
         segment_ids=None,
         decoder_segment_ids=None,
+        lsh_key=None,
     ):
         """transformers' T5 forward, plus packed rows (several examples per row, as T5X packs them):
         ``segment_ids`` [B, S] / ``decoder_segment_ids`` [B, T] number each row's examples 1, 2, ... (0 =
         padding); encoder and decoder self-attention and cross-attention stay within a segment. Targets of
         a packed row are shifted right per segment by the caller (``labels`` alone are not shifted per
-        segment). T5's relative bias needs no positions: within a segment it sees the unpacked distances."""
+        segment). T5's relative bias needs no positions: within a segment it sees the unpacked distances.
+        LSG-T5: ``lsh_key`` is the jax PRNG key of an lsh encoder's random projections; no packed rows."""
         c = self.config
         if output_attentions or output_hidden_states:
             raise NotImplementedError("output_attentions / output_hidden_states are not supported; use the module directly")
+        if c.is_lsg and (segment_ids is not None or decoder_segment_ids is not None):
+            raise ValueError("LSG-T5 cannot take packed rows (segment_ids): its global tokens attend to and are seen by "
+                             "every token of a row, which would mix the packed examples")
         check_segment_pair(segment_ids, decoder_segment_ids)
         variables = {"params": params}
         if encoder_outputs is not None:
             enc = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs
             enc = getattr(enc, "last_hidden_state", enc)
+            if c.is_lsg and c.pass_global_tokens_to_decoder and attention_mask is not None:
+                attention_mask = jnp.concatenate(
+                    [jnp.ones((attention_mask.shape[0], c.num_global_tokens), attention_mask.dtype), attention_mask], axis=1)
+        elif c.is_lsg:
+            if input_ids is None and inputs_embeds is None:
+                raise ValueError("pass input_ids (or inputs_embeds or encoder_outputs)")
+            # from here on attention_mask is the cross-attention mask (globals included)
+            enc, attention_mask = self.module.apply(variables, input_ids, attention_mask, inputs_embeds,
+                                                    self.lsh_projections(lsh_key), method=T5Module.encode_lsg)
         else:
             if input_ids is None and inputs_embeds is None:
                 raise ValueError("pass input_ids (or inputs_embeds or encoder_outputs)")
@@ -386,7 +479,11 @@ class T5ForConditionalGeneration(PretrainedModel):
         def start(params, inputs, max_len):
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
             v = {"params": params}
-            enc = module.apply(v, ids, mask, method=T5Module.encode)
+            if c.is_lsg:
+                lsh = self.lsh_projections(inputs.get("lsh_key", jax.random.key(0)))
+                enc, mask = module.apply(v, ids, mask, None, lsh, method=T5Module.encode_lsg)
+            else:
+                enc = module.apply(v, ids, mask, method=T5Module.encode)
             cross = module.apply(v, enc, method=T5Module.cross_kvs)
             n = ids.shape[0]
             z = jnp.zeros((n, max_len, c.num_heads, c.d_kv), c.compute_dtype)
@@ -399,11 +496,28 @@ class T5ForConditionalGeneration(PretrainedModel):
                 {"params": params}, tokens, index, cache, static["cross"], static["cross_mask"], method=T5Module.decode_step
             )
 
-        return Decoding(start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=True)
+        # LSG's result depends on the input length (fallback, block padding): no length bucket
+        return Decoding(start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=True,
+                        length_bucket=None if c.is_lsg else 32)
+
+    def lsh_projections(self, lsh_key):
+        """Per-layer random matrices of an LSG lsh encoder (None for every other model)."""
+        c = self.config
+        if not (c.is_lsg and c.lsg_uses_lsh_projections):
+            return None
+        return draw_lsh_projections(lsh_key, c.num_layers, heads=c.num_heads, head_dim=c.d_kv, block_size=c.block_size,
+                                    sparse_block_size=c.sparse_block_size, sparsity_factor=c.sparsity_factor,
+                                    num_pre_rounds=c.lsh_num_pre_rounds)
+
+
+class LSGT5ForConditionalGeneration(T5ForConditionalGeneration):
+    """T5 / LongLM whose encoder runs LSG attention (a config.json with the LSG keys)."""
+
+    config_class = LSGT5Config
 
 
 def model_class(hf_config) -> type[PretrainedModel]:
-    return T5ForConditionalGeneration
+    return LSGT5ForConditionalGeneration if has_lsg_keys(hf_config) else T5ForConditionalGeneration
 
 
 def load_tokenizer(folder: str):

@@ -23,10 +23,12 @@ from lmzoo.convert.cli import main as convert_main
 from lmzoo.convert.lsg import order_positions
 from lmzoo.layers import t5_relative_position_bucket
 from lmzoo.lsg_attention import MIN, lsg_attention
+from lmzoo.t5 import LSGT5ForConditionalGeneration
 
 from .parity import assert_close, case_dir
 
 COCO_SRC = case_dir("cocolm-cls")  # classifier head, 64 positions, 32 relative buckets up to distance 64
+T5_SRC = case_dir("longlm-tiny")  # eos 1, pad 0, decoder start 1
 G = 4
 
 
@@ -46,8 +48,10 @@ def coco_lsg(tmp_path_factory):
 
 def _variant(model, impl="xla", **changes):
     """The same weights under other LSG settings (a new model: its own compiled programs)."""
-    cls = type(model)
-    return cls(model.config.replace(attention_impl=impl, **changes), model.params)
+    params = model.params
+    if changes.get("num_hidden_layers") == 1:  # COCO-LM's first layer only: a smaller program to compile
+        params = dict(params, encoder={k: v for k, v in params["encoder"].items() if k != "layer_1"})
+    return type(model)(model.config.replace(attention_impl=impl, **changes), params)
 
 
 def _ids(n, t, seed=0, vocab=199):
@@ -88,9 +92,9 @@ def test_cocolm_fallback_is_the_source_model_on_globals_then_tokens(coco_lsg, mo
 
 @pytest.mark.parametrize("sparsity", [None, "norm", "pooling", "stride", "block_stride", "bos_pooling", "lsh"])
 def test_cocolm_long_input_every_sparsity_type(coco_lsg, sparsity):
-    """45 tokens, blocks of 8: adaptive padding to 48 and 6 blocks; padded keys in the last row."""
+    """45 tokens, blocks of 8: adaptive padding to 48 and 6 blocks; padded keys in the last row (one layer)."""
     _, lsg = coco_lsg
-    model = _variant(lsg, sparsity_type=sparsity)
+    model = _variant(lsg, sparsity_type=sparsity, num_hidden_layers=1)
     ids, mask = _ids(2, 45, seed=1)
     kw = {"lsh_key": jax.random.key(3)} if sparsity == "lsh" else {}
     out = model(input_ids=ids, attention_mask=mask, **kw)
@@ -148,6 +152,67 @@ def test_to_lsg_refuses_what_it_cannot_convert_and_writes_nothing(tmp_path, caps
 
 
 # ----------------------------------------------------------------------------------------------------
+# T5 / LongLM
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def t5_lsg(tmp_path_factory):
+    """longlm-tiny converted with blocks of 8, lsh sparse keys (8 per side, factor 2), globals 1.. from id 7."""
+    dst = _convert(T5_SRC, tmp_path_factory.mktemp("t5") / "lsg", "--max-length", "1024", "--block-size", "8",
+                   "--sparse-block-size", "8", "--sparsity-type", "lsh", "--mask-token-id", "7")
+    return dst, lmzoo.from_pretrained(dst)
+
+
+def test_t5_fallback_is_the_source_model_on_globals_then_tokens(t5_lsg, models):
+    """t <= 2 * block_size: LSG-T5's logits and encoder states (globals passed to the decoder) are those of
+    longlm-tiny run on [globals; tokens] with the globals unmasked in encoder and cross-attention."""
+    _, lsg = t5_lsg
+    src = models("longlm-tiny")
+    ids, mask = _ids(2, 14)
+    dec = ids[:, :5]
+    glob = np.asarray(lsg.params["encoder"]["global_embeddings"]["embedding"][:G])
+    word = np.asarray(lsg.params["shared"]["embedding"])[ids]
+    ref = src(inputs_embeds=np.concatenate([np.broadcast_to(glob, (2, G, 64)), word], 1),
+              attention_mask=np.concatenate([np.ones((2, G), int), mask], 1), decoder_input_ids=dec)
+    out = lsg(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, lsh_key=jax.random.key(0))  # (unused here)
+    assert_close(out.encoder_last_hidden_state, ref.encoder_last_hidden_state, name="encoder_last_hidden_state")
+    assert_close(out.logits, ref.logits, name="logits")
+
+
+def test_t5_to_lsg_writes_globals_and_keys(t5_lsg):
+    dst, model = t5_lsg
+    assert type(model) is LSGT5ForConditionalGeneration
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    assert (cfg["block_size"], cfg["sparse_block_size"], cfg["sparsity_type"], cfg["num_global_tokens"],
+            cfg["pass_global_tokens_to_decoder"], cfg["model_type"]) == (8, 8, "lsh", G, True, "t5")
+    old, new = open_checkpoint(T5_SRC), open_checkpoint(dst)
+    emb = old["shared.weight"].numpy()
+    glob = new["encoder.global_embeddings.weight"].numpy()
+    assert glob.shape == (512, 64)
+    np.testing.assert_allclose(glob[0], emb[1], rtol=1e-6)  # eos: T5 has no positions to add
+    np.testing.assert_allclose(glob[1:], np.broadcast_to(emb[7], (511, 64)), rtol=1e-6)  # --mask-token-id
+    assert set(new) - set(old) == {"encoder.global_embeddings.weight"}
+    for k in new:
+        if k in old:
+            np.testing.assert_array_equal(new[k].numpy(), old[k].numpy())
+
+
+def test_t5_generates_from_a_long_input(t5_lsg):
+    """45 tokens (6 blocks, lsh sparse keys): greedy generation, and the forward fed its output predicts
+    the same tokens (generation encodes with the same globals, cross mask and default lsh key)."""
+    _, model = t5_lsg
+    ids, mask = _ids(2, 45, seed=4)
+    out = model.generate(ids, attention_mask=mask, max_length=6, num_beams=1, do_sample=False)
+    assert out.shape[0] == 2 and out[0, 0] == 1
+    logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out[:, :-1], lsh_key=jax.random.key(0)).logits
+    live = np.cumsum(out[:, :-1] == 1, axis=1) - (out[:, :1] == 1) == 0  # before eos (the start token is 1 too)
+    np.testing.assert_array_equal(np.where(live, np.argmax(logits, -1), 0), np.where(live, out[:, 1:], 0))
+    with pytest.raises(ValueError, match="LSG-T5 cannot take packed rows"):
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=out, segment_ids=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The attention function against a dense reference
 # ----------------------------------------------------------------------------------------------------
 
@@ -191,13 +256,16 @@ def test_block_path_equals_a_dense_reference_with_the_bias_rule(family):
     mask[1, 33:] = MIN
     blk = np.arange(t) // B
     local = np.abs(blk[:, None] - blk[None, :]) <= 1
-    kw = dict(num_global_tokens=G, block_size=B, scale=scale, bias_table=table, bucket_fn=bucket_fn)
+
+    def run(sparsity, impl="xla"):
+        fn = jax.jit(lambda q, k, v, m, tab: lsg_attention(
+            q, k, v, m, num_global_tokens=G, block_size=B, sparse_block_size=8, sparsity_factor=2, sparsity_type=sparsity,
+            impl=impl, scale=scale, bias_table=tab, bucket_fn=bucket_fn))
+        return fn(q, k, v, jnp.asarray(mask), table)
+
     want = _dense_reference(q, k, v, mask, table, bucket_fn, scale, np.broadcast_to(local, (H, t, t)))
-    impls = ("xla", "pallas") if family == "t5" else ("xla",)
-    for impl in impls:
-        got = lsg_attention(q, k, v, jnp.asarray(mask), sparse_block_size=0, sparsity_factor=2, sparsity_type="none",
-                            impl=impl, **kw)
-        assert_close(got, want, name=f"{family} none {impl}")
+    for impl in ("xla", "pallas") if family == "t5" else ("xla",):
+        assert_close(run("none", impl), want, name=f"{family} none {impl}")
     # stride: head h sees tokens j*2 + h%2 of the 8 sparse tokens before and after its window
     sparse = np.zeros((H, t, t), bool)
     for h in range(H):
@@ -208,5 +276,4 @@ def test_block_path_equals_a_dense_reference_with_the_bias_rule(family):
                     sparse[h, i * B:(i + 1) * B, sp * 2 + h % 2] = True
     assert not (sparse & local).any()  # a regular geometry: sparse keys never repeat local ones
     want = _dense_reference(q, k, v, mask, table, bucket_fn, scale, sparse | local)
-    got = lsg_attention(q, k, v, jnp.asarray(mask), sparse_block_size=8, sparsity_factor=2, sparsity_type="stride", **kw)
-    assert_close(got, want, name=f"{family} stride")
+    assert_close(run("stride"), want, name=f"{family} stride")
