@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -24,7 +23,7 @@ import numpy as np
 from .attention import attend, check_segment_pair, segment_positions
 from .configuration import ConfigError, ModelConfig
 from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain
-from .lsg_attention import SPARSITY_TYPES, lsg_attention, lsh_projection_shapes
+from .lsg_attention import LSGFields, draw_lsh_projections, lsg_attention
 from .modeling import PretrainedModel
 from .outputs import Seq2SeqLMOutput
 from .t5 import cross_entropy_ignore, shift_right
@@ -134,48 +133,17 @@ class BartConfig(ModelConfig):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LSGBartConfig(BartConfig):
-    """``LSGBartConfig``: BART plus the LSG keys, with the original's defaults and validation."""
+class LSGBartConfig(LSGFields, BartConfig):
+    """``LSGBartConfig``: BART plus the LSG keys, with the original's defaults and validation
+    (:class:`lmzoo.lsg_attention.LSGFields`) and ``pass_global_tokens_to_decoder``."""
 
     family = "lsg_bart"
 
-    adaptive: bool = True
-    block_size: int = 128
-    lsh_num_pre_rounds: int = 1
-    mask_first_token: bool = False
-    num_global_tokens: int = 1
     pass_global_tokens_to_decoder: bool = True
-    pool_with_global: bool = True
-    sparse_block_size: int = 128
-    sparsity_factor: int = 2
-    sparsity_type: Optional[str] = "norm"
-
-    def __post_init__(self):
-        super().__post_init__()
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        if self.sparsity_type not in SPARSITY_TYPES:
-            warnings.warn(f"sparsity_type {self.sparsity_type!r} not in {SPARSITY_TYPES}: sparse attention is skipped "
-                          "(as the original does)")
-            set_("sparsity_type", None)
-        if self.num_global_tokens < 1:
-            warnings.warn("num_global_tokens < 1 is not compatible, setting num_global_tokens=1")
-            set_("num_global_tokens", 1)
-        elif self.num_global_tokens > 512:
-            warnings.warn("num_global_tokens > 512 is not allowed, setting num_global_tokens=512")
-            set_("num_global_tokens", 512)
-        if self.block_size <= 0:
-            raise ConfigError(f"block_size must be positive, got {self.block_size}")
-        if self.sparsity_factor > 0 and (self.block_size % self.sparsity_factor or self.block_size // self.sparsity_factor < 1):
-            raise ConfigError(f"block_size={self.block_size} must be a multiple of sparsity_factor={self.sparsity_factor}")
-        if self.sparse_block_size < 0 or self.sparsity_factor < 0:
-            raise ConfigError("sparse_block_size and sparsity_factor must be >= 0")
-        if self.mask_first_token and not self.pool_with_global:
-            warnings.warn("pool_with_global=False is not compatible with mask_first_token=True; setting pool_with_global=True")
-            set_("pool_with_global", True)
 
     @property
-    def is_lsg(self) -> bool:
-        return True
+    def lsg_num_heads(self) -> int:
+        return self.encoder_attention_heads
 
     def to_hf_config(self):
         out = super().to_hf_config()
@@ -529,19 +497,12 @@ class BartForConditionalGeneration(PretrainedModel):
     def lsh_projections(self, lsh_key):
         """Per-layer lists of the random matrices an lsh encoder draws (None when not lsh)."""
         c = self.config
-        if not c.is_lsg or c.sparsity_type != "lsh" or not c.sparse_block_size or c.sparsity_factor <= 1 \
-                or c.sparsity_factor == c.sparse_block_size:
+        if not (c.is_lsg and c.lsg_uses_lsh_projections):
             return None
-        if lsh_key is None:
-            raise ValueError("this LSG model uses sparsity_type='lsh', which draws random projections on every "
-                             "forward: pass lsh_key=jax.random.key(seed)")
-        shapes = lsh_projection_shapes(c.encoder_attention_heads, c.d_model // c.encoder_attention_heads, c.block_size,
-                                       c.sparse_block_size, c.sparsity_factor, c.lsh_num_pre_rounds)
-        out = []
-        for i in range(c.encoder_layers):
-            keys = jax.random.split(jax.random.fold_in(lsh_key, i), len(shapes))
-            out.append([jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)])
-        return out
+        return draw_lsh_projections(lsh_key, c.encoder_layers, heads=c.encoder_attention_heads,
+                                    head_dim=c.d_model // c.encoder_attention_heads, block_size=c.block_size,
+                                    sparse_block_size=c.sparse_block_size, sparsity_factor=c.sparsity_factor,
+                                    num_pre_rounds=c.lsh_num_pre_rounds)
 
     def forward(
         self,
