@@ -139,7 +139,7 @@ class T5Attention(nn.Module):
         return self.heads(self.k(x)), self.heads(self.v(x))
 
     def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0, bias_table=None, bucket_fn=None,
-                 q_segment_ids=None, kv_segment_ids=None, lsg_mask=None, lsh_projections=None):
+                 q_segment_ids=None, kv_segment_ids=None, lsg_mask=None, lsh_projections=None, kv_layout="blhd"):
         """x [B,Lq,D]; kv = (k [B,Lk,H,Dk], v) precomputed, or None for self-attention on x.
 
         T5 attention is unscaled; masks, segment ids (packed rows) and the relative bias are passed in
@@ -158,7 +158,7 @@ class T5Attention(nn.Module):
         out = attend(
             q, k, v, impl=self.config.attention_impl, scale=1.0, key_mask=key_mask, causal=causal, q_offset=q_offset,
             bias_table=bias_table, bucket_fn=bucket_fn, dtype=self.config.compute_dtype,
-            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, kv_layout=kv_layout,
         )
         out = out.reshape(out.shape[:2] + (self.config.inner_dim,))
         return self.o(out)
@@ -344,20 +344,22 @@ class T5Module(nn.Module):
         return h, self.lm_logits(h)
 
     def decode_step(self, tokens, index, cache, cross_kvs, cross_mask):
-        """One decoding step for every row: tokens [N], index = position; cache: per-block (k, v) [N,S,H,Dk]."""
+        """One decoding step for every row: tokens [N], index = position; cache: per-block (k, v) [N,H,S,Dk]
+        and cross_kvs per block (k, v) [N,H,Dk,S_enc]: head-major, the layouts the step's matmuls read as
+        they are (no cache is transposed in every step)."""
         y = self.shared(tokens[:, None])
         self_attn = self.decoder.self_attention_args(q_offset=index)
         new_cache = []
         x = y
         for i, blk in enumerate(self.decoder.blocks):
             h = blk.self_attn_norm(x)
-            k, v = blk.self_attn.project_kv(h)
-            kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k.astype(cache[i][0].dtype), index, axis=1)
-            vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v.astype(cache[i][1].dtype), index, axis=1)
+            k, v = (jnp.swapaxes(t, 1, 2) for t in blk.self_attn.project_kv(h))  # [N,H,1,Dk]
+            kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k.astype(cache[i][0].dtype), index, axis=2)
+            vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v.astype(cache[i][1].dtype), index, axis=2)
             new_cache.append((kc, vc))
-            x = blk._clamp(x + blk.self_attn(h, (kc, vc), **self_attn))
+            x = blk._clamp(x + blk.self_attn(h, (kc, vc), kv_layout="bhld", **self_attn))
             h = blk.cross_attn_norm(x)
-            x = blk._clamp(x + blk.cross_attn(h, cross_kvs[i], key_mask=cross_mask))
+            x = blk._clamp(x + blk.cross_attn(h, cross_kvs[i], key_mask=cross_mask, kv_layout="bhdl"))
             x = blk._clamp(x + blk.mlp(blk.mlp_norm(x)))
         h = self.decoder.final_layer_norm(x)
         return self.lm_logits(h)[:, 0].astype(jnp.float32), new_cache
@@ -484,9 +486,9 @@ class T5ForConditionalGeneration(PretrainedModel):
                 enc, mask = module.apply(v, ids, mask, None, lsh, method=T5Module.encode_lsg)
             else:
                 enc = module.apply(v, ids, mask, method=T5Module.encode)
-            cross = module.apply(v, enc, method=T5Module.cross_kvs)
+            cross = [tuple(jnp.transpose(t, (0, 2, 3, 1)) for t in kv) for kv in module.apply(v, enc, method=T5Module.cross_kvs)]
             n = ids.shape[0]
-            z = jnp.zeros((n, max_len, c.num_heads, c.d_kv), c.compute_dtype)
+            z = jnp.zeros((n, c.num_heads, max_len, c.d_kv), c.compute_dtype)  # head-major: see T5Module.decode_step
             cache = [(z, z) for _ in range(c.num_decoder_layers)]
             static = {"cross": cross, "cross_mask": mask}
             return static, cache
