@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import KV_LAYOUTS, dot_product_attention
+from .layers import KV_LAYOUTS, dot_product_attention, weighted_values
 
 __all__ = ["attend", "kernel_block", "segment_positions", "check_segment_pair"]
 
@@ -182,7 +182,7 @@ def attend(
     if mask is not None:
         scores = jnp.where(mask, scores, F32_MIN if mask_value is None else mask_value)
     probs = probs_fn(jax.nn.softmax(scores, axis=-1))
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+    return weighted_values(probs, v, dtype=dtype)
 
 
 def _rows_without_visible_key(B, Lq, Lk, key_mask, causal, q_offset, prefix_len):
