@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -75,7 +76,8 @@ print(json.dumps({"seconds": dt, "peak_rss_kb": resource.getrusage(resource.RUSA
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", default="/tmp/lmzoo-glm-bench", help="where the synthetic pickle and the output go")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lmzoo-glm-bench"),
+                    help="where the synthetic pickle and the output go")
     ap.add_argument("--layers", type=int, default=48, help="layers to keep (48 = the full 10B shape, ~19.8 GB)")
     ap.add_argument("--keep", action="store_true", help="keep the files")
     args = ap.parse_args(argv)

@@ -3,9 +3,9 @@
 The original (``modelscope==1.40.2``, ``modelscope.models.nlp.palm_v2``) is not a dependency: install it
 outside the project and pass its location, e.g.
 
-    pip install --no-deps --target /tmp/ms modelscope==1.40.2 modelscope-hub
-    pip install --target /tmp/ms-deps addict simplejson sortedcontainers python-dateutil einops rouge cryptography
-    python benchmarks/bench_palm.py --original /tmp/ms:/tmp/ms-deps [--threads 1] [--batches 1,4] [--gen-tokens 32]
+    pip install --no-deps --target "$MS" modelscope==1.40.2 modelscope-hub
+    pip install --target "$MS_DEPS" addict simplejson sortedcontainers python-dateutil einops rouge cryptography
+    python benchmarks/bench_palm.py --original "$MS:$MS_DEPS" [--threads 2] [--batches 1,4] [--gen-tokens 32]
 
 Both sides run the same random weights: the original builds a random PALM from a base-shaped folder
 (bert-base-chinese encoder, 12-layer 768-wide decoder, V 21128), its state_dict is saved, and lmzoo loads
