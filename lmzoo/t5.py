@@ -120,16 +120,22 @@ class LSGT5Config(LSGFields, T5Config):
 
 
 # ----------------------------------------------------------------------------------------------------
+def _normal(std: float):
+    """Random-init weights as transformers' ``T5PreTrainedModel._init_weights`` draws them (factor 1)."""
+    return nn.initializers.normal(stddev=std)
+
+
 class T5Attention(nn.Module):
     config: T5Config
 
     def setup(self):
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
-        self.q = Linear(c.inner_dim, axes=("embed", "joined_kv"), **kw)
-        self.k = Linear(c.inner_dim, axes=("embed", "joined_kv"), **kw)
-        self.v = Linear(c.inner_dim, axes=("embed", "joined_kv"), **kw)
-        self.o = Linear(c.d_model, axes=("joined_kv", "embed"), **kw)
+        # transformers' T5 init (random models): unscaled attention trains only with unit-scale keys
+        self.q = Linear(c.inner_dim, axes=("embed", "joined_kv"), kernel_init=_normal((c.d_model * c.d_kv) ** -0.5), **kw)
+        self.k = Linear(c.inner_dim, axes=("embed", "joined_kv"), kernel_init=_normal(c.d_model**-0.5), **kw)
+        self.v = Linear(c.inner_dim, axes=("embed", "joined_kv"), kernel_init=_normal(c.d_model**-0.5), **kw)
+        self.o = Linear(c.d_model, axes=("joined_kv", "embed"), kernel_init=_normal(c.inner_dim**-0.5), **kw)
 
     def heads(self, x):
         c = self.config
@@ -171,13 +177,14 @@ class T5MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        wi = dict(kw, kernel_init=_normal(c.d_model**-0.5))
         act = ACTIVATIONS[c.activation]
         if c.is_gated:
-            h = act(Linear(c.d_ff, axes=("embed", "mlp"), name="wi_0", **kw)(x)) * Linear(c.d_ff, axes=("embed", "mlp"), name="wi_1", **kw)(x)
+            h = act(Linear(c.d_ff, axes=("embed", "mlp"), name="wi_0", **wi)(x)) * Linear(c.d_ff, axes=("embed", "mlp"), name="wi_1", **wi)(x)
         else:
-            h = act(Linear(c.d_ff, axes=("embed", "mlp"), name="wi", **kw)(x))
+            h = act(Linear(c.d_ff, axes=("embed", "mlp"), name="wi", **wi)(x))
         h = constrain(h, ("batch", "length", "act_mlp"))
-        return Linear(c.d_model, axes=("mlp", "embed"), name="wo", **kw)(h)
+        return Linear(c.d_model, axes=("mlp", "embed"), name="wo", kernel_init=_normal(c.d_ff**-0.5), **kw)(h)
 
 
 class T5Block(nn.Module):
@@ -221,7 +228,7 @@ class T5Stack(nn.Module):
         n = c.num_decoder_layers if self.is_decoder else c.num_layers
         self.relative_attention_bias = self.param(
             "relative_attention_bias",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("relpos_buckets", "heads")),
+            nn.with_logical_partitioning(_normal(c.d_model**-0.5), ("relpos_buckets", "heads")),
             (c.relative_attention_num_buckets, c.num_heads),
             c.params_dtype,
         )
@@ -285,7 +292,7 @@ class T5Module(nn.Module):
         self.encoder = T5Stack(c, is_decoder=False)
         self.decoder = T5Stack(c, is_decoder=True)
         if not c.tie_word_embeddings:
-            self.lm_head = Linear(c.vocab_size, axes=("embed", "vocab"), **kw)
+            self.lm_head = Linear(c.vocab_size, axes=("embed", "vocab"), kernel_init=_normal(1.0), **kw)
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, segment_ids=None):
         x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.compute_dtype)
