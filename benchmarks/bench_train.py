@@ -1,13 +1,19 @@
 """Training throughput per family on the local devices, and the loop's overhead outside the jitted step.
 
 For each family a small random model is trained by the real loop (``lmzoo.train.loop.run``) on a
-synthetic token corpus; the loop's steady-state step time (wall time between log points, compile
-excluded) is compared with the bare compiled step run back to back on one device-resident batch.
+synthetic token corpus. Two wall-time figures are taken over the same steps (the loop's steps
+``W+1 .. W+N`` after ``W`` warm-up steps, whose first holds the compile):
 
-    python benchmarks/bench_train.py [--steps 40] [--families t5,bart,glm,palm,cocolm]
+* **step**: the compiled train step alone, called back to back on those steps' batches, already on the
+  device, with one ``block_until_ready`` at the end;
+* **loop**: the loop's own wall time per step over those steps (from its log intervals: building and
+  transferring batches, dispatching, fetching and writing metrics, the progress bar — everything).
 
-Prints one row per family: params, tokens per step, bare / loop step wall ms (best 5-step window),
-tokens/s of the loop, bare / loop CPU ms per step, and the loop's overhead (in CPU time, see ``bench``).
+overhead = (loop - step) / loop. Both are timed in windows of W steps (the loop's log interval), repeated
+``--repeats`` times, interleaved, and each figure is the median over its windows: on a machine shared
+with other jobs (which may even pause this process) a disturbed window is an outlier, not a bias.
+
+    python benchmarks/bench_train.py [--steps 40] [--repeats 3] [--families t5,bart,glm,palm,cocolm]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import jax
 import numpy as np
 
 from lmzoo.train import config as C
+from lmzoo.train.data import Loader
 from lmzoo.train.loop import build_model, run
 from lmzoo.train.mesh import global_batch, mesh_from_config
 from lmzoo.train.objectives import make_objective
@@ -31,6 +38,7 @@ from lmzoo.train.tokenizer import Tokenizer, Vocab
 from lmzoo.train.trainer import Trainer
 
 V = 1024
+WARMUP = 5  # the loop's first log interval: the first step's run and the steps before the first log
 FAMILIES = {
     "t5": ("longlm", {"vocab_size": V, "d_model": 256, "d_kv": 64, "d_ff": 1024, "num_layers": 2, "num_heads": 4,
                       "eos_token_id": 2, "pad_token_id": 3, "decoder_start_token_id": 1},
@@ -59,73 +67,91 @@ def config(family, out_dir, steps, batch, seq):
         "optim": {"lr": 1e-3, "warmup_steps": 5},
         "data": {"batch_size": batch, "seq_len": seq, "target_len": seq // 2 if family == "t5" else seq, "prefetch": 2},
         "objective": {"name": objective},
-        "loop": {"steps": steps, "log_every": 5, "save_every": 0, "out_dir": out_dir, "progress": False, "tensorboard": False},
+        "loop": {"steps": steps, "log_every": WARMUP, "save_every": 0, "out_dir": out_dir, "progress": True, "tensorboard": True},
     })
 
 
-def _loop(family, steps, batch, seq, vocab, examples):
-    """Run the real loop for ``steps``; returns (process CPU seconds, best wall seconds per step, tokens per step)."""
+def loop_windows(cfg, vocab, examples):
+    """Seconds per step of the real loop in each log interval after the first (steps WARMUP+1 .. end), and
+    tokens per step."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config(family, tmp, steps, batch, seq)
+        cfg = cfg.replace(**{"loop.out_dir": tmp})
         tok = Tokenizer(lambda t: [], lambda ids: "", vocab, "")
-        c0 = time.process_time()
         run(cfg, tokenizer=tok, train_examples=examples, devices=jax.devices()[:1])
-        cpu = time.process_time() - c0
-        rows = [json.loads(l) for l in open(os.path.join(tmp, "metrics.jsonl"))]
-    # the first interval holds the compile; the best one is the least disturbed by other processes
-    wall = min(r["step_s"] for r in rows[1:])
-    tokens = statistics.median(r["tokens_per_s"] * r["step_s"] for r in rows[1:])
-    return cpu, wall, tokens
+        rows = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
+    return [r["step_s"] for r in rows[1:]], statistics.median(r["tokens_per_s"] * r["step_s"] for r in rows[1:])
 
 
-def bench(family, steps, batch, seq):
-    """Overhead is measured in CPU time of this process, which other processes on a shared machine do not
-    inflate: loop CPU per step = (CPU of a run of ``steps`` - CPU of a run of 10) / (steps - 10), which
-    cancels the compile and setup; bare CPU per step = the compiled step alone on a resident batch."""
+class BareStep:
+    """The same compiled step on the same batches as the loop's steps WARMUP+1 .. end, all on the device."""
+
+    def __init__(self, cfg, vocab, examples):
+        mesh = mesh_from_config(cfg.mesh, jax.devices()[:1])
+        self.model = build_model(cfg.model, mesh)
+        obj = make_objective(cfg.objective.name, vocab, cfg.data, cfg.objective.options, model_config=self.model.config)
+        self.trainer = Trainer(self.model, obj, cfg.optim, mesh, total_steps=cfg.loop.steps)
+        B = cfg.data.batch_size
+        loader = Loader(examples, obj.build, batch_size=B, seed=cfg.data.seed, prefetch=0)
+        self.batches = [global_batch(mesh, loader.batch(s), B) for s in range(WARMUP, cfg.loop.steps)]
+        jax.block_until_ready(self.batches)
+        self.params = self.model.params
+        self.fn = self.trainer.compile_train(self.batches[0])
+
+    def windows(self) -> list[float]:
+        """Seconds per step in each window of WARMUP steps, back to back, blocking at window ends only."""
+        state = self.trainer.init_state(self.params)
+        state, m = self.fn(state, self.batches[0])  # one untimed run
+        jax.block_until_ready((state, m))
+        out = []
+        for w in range(0, len(self.batches), WARMUP):
+            window = self.batches[w : w + WARMUP]
+            t0 = time.perf_counter()
+            for b in window:
+                state, m = self.fn(state, b)
+            jax.block_until_ready((state, m))
+            out.append((time.perf_counter() - t0) / len(window))
+        return out
+
+
+def bench(family, steps, batch, seq, repeats):
     _, _, vocab = FAMILIES[family]
-    cfg = config(family, "unused", steps, batch, seq)
+    cfg = config(family, "unused", WARMUP + steps, batch, seq)
     obj = make_objective(cfg.objective.name, vocab, cfg.data)
     rng = np.random.default_rng(0)
     examples = [rng.integers(10, V - 100, obj.example_len).astype(np.int32) for _ in range(256)]
-    cpu_short, _, _ = _loop(family, 10, batch, seq, vocab, examples)
-    cpu_long, loop_wall, tokens = _loop(family, steps, batch, seq, vocab, examples)
-    loop_cpu = (cpu_long - cpu_short) / (steps - 10)
-    # the bare compiled step on one device-resident batch
-    mesh = mesh_from_config(cfg.mesh, jax.devices()[:1])
-    model = build_model(cfg.model, mesh)
-    obj = make_objective(cfg.objective.name, vocab, cfg.data, model_config=model.config)
-    tr = Trainer(model, obj, cfg.optim, mesh, total_steps=steps)
-    state = tr.init_state(model.params)
-    b = global_batch(mesh, obj.build(examples[:batch], np.random.default_rng(1)), batch)
-    state, m = tr.train_step(state, b)
-    jax.block_until_ready(m)
-    walls, n = [], steps - 10
-    c0 = time.process_time()
-    for _ in range(n // 5):  # windows of 5 steps, like the loop's log interval
-        t0 = time.perf_counter()
-        for _ in range(5):
-            state, m = tr.train_step(state, b)
-        jax.block_until_ready(m)
-        walls.append((time.perf_counter() - t0) / 5)
-    bare_cpu = (time.process_time() - c0) / (5 * (n // 5))
-    return {"family": family, "params_M": model.num_params() / 1e6, "tokens_per_step": tokens, "bare_ms": 1e3 * min(walls),
-            "loop_ms": 1e3 * loop_wall, "tokens_per_s": tokens / loop_wall, "bare_cpu_ms": 1e3 * bare_cpu,
-            "loop_cpu_ms": 1e3 * loop_cpu, "overhead_pct": 100 * (loop_cpu / bare_cpu - 1)}
+    bare = BareStep(cfg, vocab, examples)
+    step_s, loop_s, tokens = [], [], []
+    for _ in range(repeats):
+        step_s += bare.windows()
+        s, t = loop_windows(cfg, vocab, examples)
+        loop_s += s
+        tokens.append(t)
+    step, loop = statistics.median(step_s), statistics.median(loop_s)
+    return {"family": family, "params_M": bare.model.num_params() / 1e6, "tokens_per_step": statistics.median(tokens),
+            "step_ms": 1e3 * step, "loop_ms": 1e3 * loop, "tokens_per_s": statistics.median(tokens) / loop,
+            "overhead_pct": 100 * (loop - step) / loop, "windows": len(step_s),
+            "step_ms_mean": 1e3 * statistics.mean(step_s), "loop_ms_mean": 1e3 * statistics.mean(loop_s)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=40, help="timed steps (after %d warm-up steps)" % WARMUP)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--families", default=",".join(FAMILIES))
     args = p.parse_args(argv)
-    print(f"device: {jax.devices()[0].device_kind} x1, batch {args.batch}, seq {args.seq}")
-    print(f"{'family':<8} {'params':>8} {'tok/step':>9} {'bare ms':>9} {'loop ms':>9} {'tok/s':>9} {'bare cpu':>9} {'loop cpu':>9} {'overhead':>9}")
+    cache = os.path.join(tempfile.gettempdir(), "lmzoo-bench-train-jax-cache")  # the repeats reuse the compiles
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    print(f"device: {jax.devices()[0].device_kind} x1, batch {args.batch}, seq {args.seq}, {args.steps} timed steps, "
+          f"median of {args.repeats}")
+    print(f"{'family':<8} {'params':>8} {'tok/step':>9} {'step ms':>9} {'loop ms':>9} {'tok/s':>9} {'overhead':>9}   (means)")
     for fam in args.families.split(","):
-        r = bench(fam, args.steps, args.batch, args.seq)
-        print(f"{fam:<8} {r['params_M']:>7.2f}M {r['tokens_per_step']:>9.0f} {r['bare_ms']:>9.1f} {r['loop_ms']:>9.1f} "
-              f"{r['tokens_per_s']:>9.0f} {r['bare_cpu_ms']:>9.1f} {r['loop_cpu_ms']:>9.1f} {r['overhead_pct']:>8.1f}%")
+        r = bench(fam, args.steps, args.batch, args.seq, args.repeats)
+        print(f"{fam:<8} {r['params_M']:>7.2f}M {r['tokens_per_step']:>9.0f} {r['step_ms']:>9.1f} {r['loop_ms']:>9.1f} "
+              f"{r['tokens_per_s']:>9.0f} {r['overhead_pct']:>8.1f}%   ({r['step_ms_mean']:.1f} / {r['loop_ms_mean']:.1f} ms "
+              f"over {r['windows']} windows)", flush=True)
     return 0
 
 

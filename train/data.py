@@ -4,7 +4,8 @@ Batch ``s`` is a pure function of (seed, s, host): its global example indices ar
 (of which this host takes its contiguous rows), mapped through a seeded permutation per epoch, and the
 objective's randomness comes from ``np.random.default_rng((seed, s, host))``. The loader's whole state
 is therefore the next step — one integer saved with every checkpoint — and a resumed run sees exactly
-the batches an uninterrupted run would. Batches are built ahead in one background thread.
+the batches an uninterrupted run would. Batches are built ahead in one background thread, which also
+hands them to ``put`` (the train loop's transfer onto the mesh), so the step never waits for either.
 """
 
 from __future__ import annotations
@@ -137,12 +138,14 @@ class Loader:
         shuffle: bool = True,
         host: int = 0,
         prefetch: int = 2,
+        put: Optional[Callable[[dict], Any]] = None,
     ):
         self.examples = examples
         self.build = build
         self.batch_size = batch_size
         self.rows = (rows[0], batch_size if rows[1] < 0 else rows[1])
         self.seed, self.shuffle, self.host, self.prefetch = int(seed), shuffle, int(host), int(prefetch)
+        self.put = put  # iteration yields put(batch) (e.g. device arrays), made in the background thread
         self.step = 0
         self._perm_cache: dict[int, np.ndarray] = {}
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -182,19 +185,23 @@ class Loader:
         rng = np.random.default_rng((self.seed, step, self.host))
         return self.build([self.examples[i] for i in self.indices(step)], rng)
 
-    def __iter__(self) -> Iterator[dict]:
+    def _next_item(self, step: int):
+        b = self.batch(step)
+        return b if self.put is None else self.put(b)
+
+    def __iter__(self) -> Iterator[Any]:
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Any:
         step = self.step
         if self.prefetch <= 0:
-            out = self.batch(step)
+            out = self._next_item(step)
         else:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmzoo-data")
             for s in range(step, step + self.prefetch + 1):
                 if s not in self._pending:
-                    self._pending[s] = self._pool.submit(self.batch, s)
+                    self._pending[s] = self._pool.submit(self._next_item, s)
             out = self._pending.pop(step).result()
         self.step = step + 1
         return out

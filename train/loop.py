@@ -285,7 +285,10 @@ def run(
     if cfg.data.pack:  # rows are groups of examples, fixed once per run (eval batches stay one example per row)
         train_examples = pack_groups(train_examples, objective.pack_lengths, cfg.data.seq_len, cfg.data.target_len, seed=cfg.data.seed)
         build = objective.build_packed
-    loader = Loader(train_examples, build, batch_size=B, rows=rows, seed=cfg.data.seed, host=jax.process_index(), prefetch=cfg.data.prefetch)
+    # the background thread builds each batch, counts its tokens and puts it on the mesh, a few steps ahead
+    put = lambda b: (objective.num_tokens(b) * jax.process_count(), global_batch(mesh, b, B))  # noqa: E731
+    loader = Loader(train_examples, build, batch_size=B, rows=rows, seed=cfg.data.seed, host=jax.process_index(),
+                    prefetch=cfg.data.prefetch, put=put)
     total = cfg.loop.steps
     trainer = Trainer(model, objective, cfg.optim, mesh, total_steps=total, z_loss=cfg.loop.z_loss)
     if latest is not None:
@@ -310,6 +313,23 @@ def run(
     last_saved = latest
     start_step = step
     thr = None
+    pending = None  # (step, metrics on device, timing) of a log step, written once the next step is queued
+
+    def report(at: int, metrics, timing: dict) -> bool:
+        """Fetch, check and write one step's metrics; False (and a message) when they are not finite."""
+        nonlocal last
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not _finite(m):
+            progress.write(f"step {at}: loss {m.get('loss')} / grad norm {m.get('grad_norm')} is not finite; stopping "
+                           f"(last good checkpoint: step {last_saved})")
+            logger.log(at, m)
+            return False
+        m.update(timing)
+        last = m
+        logger.log(at, m)
+        progress.update_to(at, _fmt(m))
+        return True
+
     try:
         with _Preemption() as preempt:
             while step < total:
@@ -318,33 +338,39 @@ def run(
                     break
                 if stop_after is not None and step - start_step >= stop_after:
                     break
-                local = next(loader)
-                batch = global_batch(mesh, local, B)
+                tokens, batch = next(loader)
                 state, metrics = trainer.train_step(state, batch)
                 if thr is None:
                     thr = Throughput(trainer.flops_per_step, peak)
                 step += 1
-                thr.add(objective.num_tokens(local) * jax.process_count())
-                save_now = cfg.loop.save_every and step % cfg.loop.save_every == 0
-                if step % cfg.loop.log_every == 0 or save_now or step == total:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not _finite(m):
+                thr.add(tokens)
+                # A log step's values are fetched after the next step is queued, so the device never idles
+                # while the host reads, checks and writes them; a step that saves or evaluates (and the
+                # last) is checked at once, so a checkpoint never holds a non-finite step.
+                if pending is not None:
+                    ok = report(*pending)
+                    pending = None
+                    if not ok:
                         status = "nan"
-                        progress.write(f"step {step}: loss {m.get('loss')} / grad norm {m.get('grad_norm')} is not finite; stopping "
-                                       f"(last good checkpoint: step {last_saved})")
-                        logger.log(step, m)
                         break
-                    m.update(thr.read())
-                    last = m
-                    logger.log(step, m)
-                    progress.update_to(step, _fmt(m))
+                save_now = cfg.loop.save_every and step % cfg.loop.save_every == 0
+                eval_now = cfg.loop.eval_every and step % cfg.loop.eval_every == 0 and eval_examples is not None
+                if step % cfg.loop.log_every == 0 or save_now or step == total:
+                    if save_now or eval_now or step == total:
+                        if not report(step, metrics, thr.read()):
+                            status = "nan"
+                            break
+                    else:
+                        pending = (step, metrics, thr.read())
                 if save_now:
                     ckpt.save(step, state, loader.state())
                     last_saved = step
-                if cfg.loop.eval_every and step % cfg.loop.eval_every == 0 and eval_examples is not None:
+                if eval_now:
                     eval_metrics = _run_eval(cfg, trainer, state, eval_examples, objective, tokenizer, mesh)
                     logger.log(step, eval_metrics, split="eval")
                     progress.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
+            if pending is not None and status != "nan" and not report(*pending):
+                status = "nan"
             if status == "preempted" or (status == "done" and step != last_saved):
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()} if step > start_step else {}
                 if _finite(m):
