@@ -28,7 +28,7 @@ from lmzoo.train.tokenizer import Vocab, load_tokenizer
 
 DATA = os.path.join(os.path.dirname(__import__("lmzoo").__file__), "data")
 T5_VOCAB = Vocab(size=300, pad=3, eos=2, bos=1, unk=0, sentinels=tuple(299 - k for k in range(100)))
-TINY_T5 = {"vocab_size": 300, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+TINY_T5 = {"vocab_size": 600, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
            "eos_token_id": 2, "pad_token_id": 3, "decoder_start_token_id": 1, "dropout_rate": 0.0}
 BART_VOCAB = Vocab(size=64, pad=1, bos=0, eos=2, mask=3)
 TINY_BART = {"vocab_size": 64, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 2,

@@ -29,7 +29,7 @@ from lmzoo.train.trainer import Trainer
 DATA = os.path.join(os.path.dirname(__import__("lmzoo").__file__), "data")
 CORPUS = os.path.join(DATA, "demo_corpus.txt")
 SPIECE = os.path.join(DATA, "demo_spiece.model")
-TINY_T5 = {"vocab_size": 300, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4,
+TINY_T5 = {"vocab_size": 600, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4,
            "eos_token_id": 2, "pad_token_id": 3, "decoder_start_token_id": 1}
 
 
@@ -83,7 +83,7 @@ def test_sharded_step_equals_single_device_and_splits_state(batch_np):
     nu_wi = state["opt_state"][1][0].nu["encoder"]["block_0"]["mlp"]["wi"]["kernel"]
     assert {s.data.shape for s in nu_wi.addressable_shards} == {(16, 32)}
     emb = state["params"]["shared"]["embedding"]
-    assert {s.data.shape for s in emb.addressable_shards} == {(150, 16)}
+    assert {s.data.shape for s in emb.addressable_shards} == {(TINY_T5["vocab_size"] // 2, 16)}
     assert "all-reduce" in hlo or "reduce-scatter" in hlo
     assert "all-gather" in hlo
 
@@ -250,12 +250,13 @@ def test_existing_checkpoints_need_resume(reference_run):
 
 # ---- loss falls ---------------------------------------------------------------------------------------
 def test_tiny_longlm_loss_falls_in_bf16_with_z_loss(tmp_path):
-    cfg = tiny_cfg(tmp_path / "fall", **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "loop.steps": 40, "loop.log_every": 5, "loop.save_every": 0,
+    # 60 steps: the demo tokenizer's pieces are mostly whole words, so each token carries more to learn
+    cfg = tiny_cfg(tmp_path / "fall", **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "loop.steps": 60, "loop.log_every": 5, "loop.save_every": 0,
                                          "optim.lr": 1e-2, "optim.warmup_steps": 5, "model.dtype": "bfloat16", "loop.z_loss": 1e-4})
     res = run(cfg, devices=jax.devices()[:1])
     losses = _losses(tmp_path / "fall")
     assert res.status == "done"
-    assert losses[40] < 0.8 * losses[5], losses
+    assert losses[60] < 0.8 * losses[5], losses
     rows = [json.loads(l) for l in open(tmp_path / "fall" / "metrics.jsonl")]
     assert all(r["loss"] > r["nll"] for r in rows)  # the z-loss term is in the loss, not in the nll
     import lmzoo

@@ -57,7 +57,7 @@ def test_seq2seq_finetune_eval_scores_generations(tmp_path):
         for l in lines:  # "summarise" a story by its first sentence
             f.write(json.dumps({"source": l, "target": l.split(".")[0] + "."}) + "\n")
     cfg = C.TrainConfig.from_dict({
-        "model": {"family": "t5", "config": {"vocab_size": 300, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4,
+        "model": {"family": "t5", "config": {"vocab_size": 600, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4,
                                              "eos_token_id": 2, "pad_token_id": 3, "decoder_start_token_id": 1}},
         "mesh": {"data": 1},
         "optim": {"lr": 1e-2, "schedule": "linear", "warmup_steps": 2},

@@ -18,12 +18,12 @@ def _demo_dir() -> str:
 
 
 DEMO_MODEL = {
-    "vocab_size": 300,  # 200 sentencepiece pieces + 100 <extra_id_k>
+    "vocab_size": 600,  # 500 sentencepiece (BPE) pieces + 100 <extra_id_k>
     "d_model": 128,
     "d_kv": 32,
     "d_ff": 512,
-    "num_layers": 3,
-    "num_decoder_layers": 3,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
     "num_heads": 4,
     "dropout_rate": 0.0,
     "eos_token_id": 2,  # the demo sentencepiece model uses the sentencepiece default layout (as LongLM)
@@ -33,14 +33,14 @@ DEMO_MODEL = {
 
 PRESETS: dict[str, tuple[str, dict]] = {
     "demo": (
-        "a tiny LongLM (T5) pretrained on the shipped corpus: span infilling + continuation",
+        "a tiny LongLM (T5) pretrained on the shipped corpus: span infilling + continuation, whole stories packed two per row",
         {
             "model": {"family": "t5", "config": DEMO_MODEL},
             "optim": {"name": "adamw", "lr": 3e-3, "schedule": "linear", "warmup_steps": 30, "weight_decay": 0.01, "clip_norm": 1.0},
             "data": {"train": os.path.join(_demo_dir(), "demo_corpus.txt"), "tokenizer": os.path.join(_demo_dir(), "demo_spiece.model"),
-                     "batch_size": 16, "seq_len": 48, "target_len": 32},
+                     "batch_size": 8, "seq_len": 96, "target_len": 48, "pack": True},
             "objective": {"name": "longlm", "options": {"continuation_prob": 0.5}},
-            "loop": {"steps": 500, "log_every": 10, "save_every": 100, "keep": 2, "out_dir": "runs/demo"},
+            "loop": {"steps": 2000, "log_every": 20, "save_every": 500, "keep": 2, "out_dir": "runs/demo"},
         },
     ),
     "longlm-finetune": (
