@@ -313,12 +313,16 @@ def run(
     last_saved = latest
     start_step = step
     thr = None
-    pending = None  # (step, metrics on device, timing) of a log step, written once the next step is queued
+    pending = None  # (step, metrics on device) of a log step, written once the next step is queued
 
-    def report(at: int, metrics, timing: dict) -> bool:
-        """Fetch, check and write one step's metrics; False (and a message) when they are not finite."""
+    def report(at: int, metrics) -> bool:
+        """Fetch, check and write one step's metrics; False (and a message) when they are not finite.
+
+        The throughput window closes here, once step ``at`` has finished (its metrics are fetched), so a
+        window times executed steps, not their dispatch (which runs ahead of the device)."""
         nonlocal last
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        timing = thr.read()
         if not _finite(m):
             progress.write(f"step {at}: loss {m.get('loss')} / grad norm {m.get('grad_norm')} is not finite; stopping "
                            f"(last good checkpoint: step {last_saved})")
@@ -343,7 +347,6 @@ def run(
                 if thr is None:
                     thr = Throughput(trainer.flops_per_step, peak)
                 step += 1
-                thr.add(tokens)
                 # A log step's values are fetched after the next step is queued, so the device never idles
                 # while the host reads, checks and writes them; a step that saves or evaluates (and the
                 # last) is checked at once, so a checkpoint never holds a non-finite step.
@@ -353,15 +356,16 @@ def run(
                     if not ok:
                         status = "nan"
                         break
+                thr.add(tokens)
                 save_now = cfg.loop.save_every and step % cfg.loop.save_every == 0
                 eval_now = cfg.loop.eval_every and step % cfg.loop.eval_every == 0 and eval_examples is not None
                 if step % cfg.loop.log_every == 0 or save_now or step == total:
                     if save_now or eval_now or step == total:
-                        if not report(step, metrics, thr.read()):
+                        if not report(step, metrics):
                             status = "nan"
                             break
                     else:
-                        pending = (step, metrics, thr.read())
+                        pending = (step, metrics)
                 if save_now:
                     ckpt.save(step, state, loader.state())
                     last_saved = step
