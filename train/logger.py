@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Mapping, Optional
 
 import jax
@@ -66,6 +67,8 @@ class MetricsLogger:
                     from tensorboardX import SummaryWriter
                 except ImportError:  # optional: JSONL is always written
                     SummaryWriter = None
+                    warnings.warn("loop.tensorboard is on but tensorboardX is not installed (pip install 'lmzoo[train]'); "
+                                  "metrics go to metrics.jsonl only", stacklevel=2)
                 if SummaryWriter is not None:
                     self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
