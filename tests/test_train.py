@@ -154,10 +154,15 @@ def _child(tmp_path, cache, out_dir, slow_after, *overrides):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    res = run(tiny_cfg(out))
-    assert res.status == "done" and res.step == 8
+def reference_run(tmp_path_factory, jax_cache):
+    """An uninterrupted run, in a child process set up exactly as the interrupted ones (flags, config,
+    compilation cache): the bitwise comparison is then between runs that differ only in the kill."""
+    tmp = tmp_path_factory.mktemp("ref")
+    out = tmp / "run"
+    p = _child(tmp, jax_cache, out, 99)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()[-3000:]
+    assert max(_losses(out)) == 8
     return out
 
 
