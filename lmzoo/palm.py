@@ -350,6 +350,13 @@ def presumm_attention(q, k, v, *, blocked=None, invalid=None, dtype=jnp.float32,
     return out, probs
 
 
+def _history(c, ancestry):
+    """The cache rows as each current row's history: ``c[ancestry[n, m], h, m]`` for c [N,H,M,d] and
+    ancestry [N,M] (the row that wrote position m of row n's history)."""
+    N, H, M, _ = c.shape
+    return c[ancestry[:, None, :], jnp.arange(H)[None, :, None], jnp.arange(M)[None, None, :]]
+
+
 def cached_attention(q, k, v, *, is_pad, written, dtype=jnp.float32):
     """The incremental self-attention of one query per row over a head-major cache, as presumm_attention
     computes it: q [N,H,d], k/v [N,H,M,d]; a row whose current token is PAD (``is_pad`` [N]) has every
@@ -518,10 +525,12 @@ class PalmModule(nn.Module):
             x, probs = layer(x, kv, ctx_blocked, self_blocked=self_blocked, **kw)
         return self.decoder.layer_norm(x), probs
 
-    def decode_step(self, tokens, index, pe_row, cache, memory_kvs, ctx_blocked):
+    def decode_step(self, tokens, index, pe_row, cache, memory_kvs, ctx_blocked, ancestry=None):
         """One incremental step for rows [B,K]: tokens [B,K] at position ``index``; cache per layer
         (k, v) [B*K,H,M,d], head-major so the step reads it without a transpose; memory_kvs per layer
         (k, v) [B,H,d,S] shared by an item's K beams ([B,S,H,d] with attention_impl="pallas").
+        ``ancestry`` [B*K,M] (beam search): the cache is in write order, not reordered by beam; row n
+        attends to ``cache[ancestry[n, m], :, m]`` at position m (see :func:`palm_search`).
 
         The self-attention mask follows the original's incremental rule: only the current token counts.
         """
@@ -547,6 +556,8 @@ class PalmModule(nn.Module):
             kc = jax.lax.dynamic_update_slice_in_dim(kc, k.reshape(N, H, 1, -1).astype(kc.dtype), index, axis=2)
             vc = jax.lax.dynamic_update_slice_in_dim(vc, v.reshape(N, H, 1, -1).astype(vc.dtype), index, axis=2)
             new_cache.append((kc, vc))
+            if ancestry is not None:
+                kc, vc = _history(kc, ancestry), _history(vc, ancestry)
             if self_kernel is not None:  # the kernel takes keys [N, M, H, d]
                 kv = (jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vc, 1, 2))
                 out, _ = att(a.reshape(N, 1, D), kv, kernel=self_kernel)
@@ -693,6 +704,12 @@ def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids,
         has_best=jnp.zeros((B,), bool),
         rng=rng,
     )
+    if K > 1:
+        # The cache is never reordered: row n writes its step-t key / value at [n, :, t], and ancestry[n, t']
+        # names the row that wrote position t' of row n's current history; each layer gathers that history
+        # just before it attends. Reordering the whole cache after every step instead costs a cache-sized
+        # gather plus a copy back into the loop carry per layer (a gather cannot write in place).
+        state["ancestry"] = jnp.zeros((B * K, M), jnp.int32)
 
     def cond(s):
         return (s["step"] < max_length) & ~jnp.all(s["done"])
@@ -700,8 +717,9 @@ def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids,
     def body(s):
         step = s["step"]
         tokens = s["seqs"][:, :, step]
+        anc = s["ancestry"].at[:, step].set(jnp.arange(B * K)) if K > 1 else None  # this step: the row itself
         logp, cache = module.apply(
-            v, tokens, step, pe[step], s["cache"], memory_kvs, ctx_blocked, method=PalmModule.decode_step
+            v, tokens, step, pe[step], s["cache"], memory_kvs, ctx_blocked, anc, method=PalmModule.decode_step
         )  # [B,K,V] float32
         logp = jnp.where((jnp.arange(V) == eos) & (step < min_length), jnp.float32(EOS_BAN), logp)
         if settings.ngram > 0:
@@ -724,7 +742,7 @@ def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids,
         take = lambda a: jnp.take_along_axis(a, origin.reshape(origin.shape + (1,) * (a.ndim - 2)), axis=1)
         seqs = take(s["seqs"]).at[:, :, step + 1].set(tok)
         rows = (jnp.arange(B)[:, None] * K + origin).reshape(B * K)  # the beam each new row continues
-        cache = [(kc[rows], vc[rows]) for kc, vc in cache]
+        extra = {"ancestry": anc[rows]} if K > 1 else {}  # one beam: every row continues itself
 
         last = step + 1 == max_length
         finished = (tok == eos) | last
@@ -751,6 +769,7 @@ def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids,
             best_len=jnp.where(better, step + 1, s["best_len"]),
             has_best=s["has_best"] | better,
             rng=rng,
+            **extra,
         )
 
     out = jax.lax.while_loop(cond, body, state)
