@@ -238,6 +238,39 @@ def _kw(c: PalmConfig) -> dict:
     return dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
 
 
+def pack_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, pad: int, bucket: int = SOURCE_BUCKET):
+    """Host-side index tables for the packed encoder of generation: (gather [T], scatter [B*S]) int32.
+
+    Kept: every token that is an encoder key (mask != 0) or that the decoder reads (id != pad); a row
+    with no key or no non-pad id is kept whole (it attends uniformly over all its positions). A dropped
+    token is a masked key in the encoder and a blocked source position in the decoder, so what stands
+    there (zeros) gets weight 0 and changes nothing. ``gather`` lists the kept flat positions, padded to a
+    multiple of ``bucket`` by repeating position 0; ``scatter`` maps each flat position to its packed
+    index, or to T (a zero row) when dropped."""
+    B, S = input_ids.shape
+    keep = (attention_mask != 0) | (input_ids != pad)
+    keep[~(attention_mask != 0).any(axis=1) | ~(input_ids != pad).any(axis=1)] = True
+    flat = np.flatnonzero(keep.reshape(-1))
+    T = min(-(-len(flat) // bucket) * bucket, B * S)
+    gather = np.zeros(T, np.int32)
+    gather[: len(flat)] = flat
+    scatter = np.full(B * S, T, np.int32)
+    scatter[flat] = np.arange(len(flat), dtype=np.int32)
+    return gather, scatter
+
+
+def unpack(t, pack):
+    """Packed [1,T,F] -> padded rows [B,S,F] (dropped tokens as zeros)."""
+    gather, scatter, B, S = pack
+    ext = jnp.concatenate([t[0], jnp.zeros((1, t.shape[-1]), t.dtype)])
+    return ext[scatter].reshape(B, S, t.shape[-1])
+
+
+def repack(t, pack):
+    """Padded rows [B,S,F] -> packed [1,T,F]."""
+    return t.reshape(-1, t.shape[-1])[pack[0]][None]
+
+
 class BertEmbeddings(nn.Module):
     config: PalmConfig
 
@@ -248,12 +281,13 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = Embed(b.type_vocab_size, b.hidden_size, axes=(None, "embed"), **_kw(c))
         self.LayerNorm = LayerNorm(epsilon=b.layer_norm_eps, **_kw(c))
 
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, positions=None):
+        """``positions`` [L] (the packed encoder: each token's column): default ``arange(L)``."""
         S = input_ids.shape[1]
-        if S > self.config.bert.max_position_embeddings:
+        if positions is None and S > self.config.bert.max_position_embeddings:
             raise ValueError(f"input length {S} exceeds the encoder's max_position_embeddings {self.config.bert.max_position_embeddings}")
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(jnp.zeros_like(input_ids))
-        x = x + self.position_embeddings(jnp.arange(S))[None]
+        x = x + self.position_embeddings(jnp.arange(S) if positions is None else positions)[None]
         return self.LayerNorm(x)
 
 
@@ -268,23 +302,27 @@ class BertSelfAttention(nn.Module):
         self.value = Linear(b.hidden_size, **qkv)
         self.output = Linear(b.hidden_size, axes=("joined_kv", "embed"), use_bias=True, **_kw(c))
 
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, pack=None):
         b = self.config.bert
         H = b.num_attention_heads
         d = b.hidden_size // H
         split = lambda t: t.reshape(t.shape[:-1] + (H, d))
+        if pack is not None:  # x holds packed tokens [1,T,D]: the attention runs on the padded rows
+            out = self._attend(split(unpack(self.query(x), pack)), split(unpack(self.key(x), pack)),
+                               split(unpack(self.value(x), pack)), mask)
+            return self.output(repack(out.reshape(out.shape[:2] + (b.hidden_size,)), pack))
         q = constrain(split(self.query(x)), ("batch", "length", "act_heads", "kv"))
+        return self.output(self._attend(q, split(self.key(x)), split(self.value(x)), mask).reshape(q.shape[:2] + (b.hidden_size,)))
+
+    def _attend(self, q, k, v, mask):
+        d = q.shape[-1]
         if self.config.attention_impl == "pallas":
             # key padding in-kernel; HF BERT adds finfo.min to padded keys' scores (additive, as mask_value)
-            out = attend(
-                q, split(self.key(x)), split(self.value(x)), impl="pallas", scale=1.0 / math.sqrt(d),
+            return attend(
+                q, k, v, impl="pallas", scale=1.0 / math.sqrt(d),
                 key_mask=mask[:, 0, 0, :], mask_value=F32_MIN, dtype=self.config.compute_dtype,
             )
-        else:
-            out, _ = dot_product_attention(
-                q, split(self.key(x)), split(self.value(x)), mask=mask, scale=1.0 / math.sqrt(d), dtype=self.config.compute_dtype
-            )
-        return self.output(out.reshape(out.shape[:2] + (b.hidden_size,)))
+        return dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(d), dtype=self.config.compute_dtype)[0]
 
 
 class BertLayer(nn.Module):
@@ -298,8 +336,8 @@ class BertLayer(nn.Module):
         self.output = Linear(b.hidden_size, axes=("mlp", "embed"), use_bias=True, **_kw(c))
         self.output_norm = LayerNorm(epsilon=b.layer_norm_eps, **_kw(c))
 
-    def __call__(self, x, mask):
-        a = self.attention_norm(self.attention(x, mask) + x)
+    def __call__(self, x, mask, pack=None):
+        a = self.attention_norm(self.attention(x, mask, pack) + x)
         h = ACTIVATIONS[self.config.bert.hidden_act](self.intermediate(a))
         h = constrain(h, ("batch", "length", "act_mlp"))
         return constrain(self.output_norm(self.output(h) + a), ("batch", "length", "act_embed"))
@@ -312,11 +350,18 @@ class BertEncoder(nn.Module):
         self.embeddings = BertEmbeddings(self.config)
         self.layers = [BertLayer(self.config, name=f"layer_{i}") for i in range(self.config.bert.num_hidden_layers)]
 
-    def __call__(self, input_ids, attention_mask):
-        x = constrain(self.embeddings(input_ids), ("batch", "length", "act_embed"))
+    def __call__(self, input_ids, attention_mask, pack=None):
+        """``pack`` (see :func:`pack_tokens`): run every token-wise part (embeddings, projections, LayerNorms,
+        feed-forward) on the kept tokens only, packed as one row [1,T,D]; the attention unpacks them into
+        the padded rows [B,S] (dropped tokens as zeros, which it masks). Returns the packed [1,T,D]."""
         mask = attention_mask[:, None, None, :].astype(bool)
+        if pack is None:
+            x = constrain(self.embeddings(input_ids), ("batch", "length", "act_embed"))
+        else:
+            pack = tuple(pack) + input_ids.shape
+            x = self.embeddings(input_ids.reshape(-1)[pack[0]][None], pack[0] % input_ids.shape[1])
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, pack)
         return x
 
 
@@ -499,6 +544,14 @@ class PalmModule(nn.Module):
     def memory_kvs(self, memory):
         return [layer.context_attn.project_kv(memory) for layer in self.decoder.layers]
 
+    def packed_memory_kvs(self, input_ids, attention_mask, gather, scatter):
+        """memory_kvs(encode(...)) [B,S,H,d] with the encoder and the projections run on the tokens that
+        :func:`pack_tokens` keeps (the dropped positions hold zeros)."""
+        memory = self.bert(input_ids, attention_mask, (gather, scatter))
+        pack = (gather, scatter) + input_ids.shape
+        return [tuple(unpack(t.reshape(t.shape[:2] + (-1,)), pack).reshape(input_ids.shape + t.shape[2:]) for t in kv)
+                for kv in self.memory_kvs(memory)]
+
     def context_blocked(self, src_ids):
         # The context mask comes from the source TOKEN IDS, not from attention_mask.
         return (src_ids == self.config.decoder_padding_idx)[:, None, None, :]
@@ -671,19 +724,25 @@ class SearchSettings:
     temperature: float
 
 
-def palm_search(module: PalmModule, settings: SearchSettings, params, input_ids, attention_mask, min_length, max_length, start, eos, rng):
-    """PALM's beam search as one while_loop of at most ``max_length`` (<= cache_len) steps. Returns (seqs
-    [B, cache_len+1] start first; lengths [B] after the start token; scores [B]); the caller cuts the
-    rows and fills what follows each length with the pad id."""
+def palm_encode(module: PalmModule, params, input_ids, attention_mask, gather, scatter):
+    """The source keys / values of every decoder layer from the packed encoder (:func:`pack_tokens`), in
+    the layout the search reads: [B,H,d,S] ([B,S,H,d] with attention_impl="pallas")."""
+    memory_kvs = module.apply({"params": params}, input_ids, attention_mask, gather, scatter, method=PalmModule.packed_memory_kvs)
+    if module.config.attention_impl != "pallas":  # as every step's matmuls read them, no per-step transpose
+        memory_kvs = [tuple(jnp.transpose(t, (0, 2, 3, 1)) for t in kv) for kv in memory_kvs]
+    return memory_kvs
+
+
+def palm_search(module: PalmModule, settings: SearchSettings, params, memory_kvs, input_ids, min_length, max_length, start, eos, rng):
+    """PALM's beam search as one while_loop of at most ``max_length`` (<= cache_len) steps over the
+    source keys / values of :func:`palm_encode`. Returns (seqs [B, cache_len+1] start first; lengths [B]
+    after the start token; scores [B]); the caller cuts the rows and fills what follows each length with
+    the pad id."""
     c = module.config
     K, M, V = settings.num_beams, settings.cache_len, c.vocab_size
     B = input_ids.shape[0]
     H, dh = c.dec_heads, c.dec_hidden_size // c.dec_heads
     v = {"params": params}
-    memory = module.apply(v, input_ids, attention_mask, method=PalmModule.encode)
-    memory_kvs = module.apply(v, memory, method=PalmModule.memory_kvs)
-    if c.attention_impl != "pallas":  # source keys / values as every step's matmuls read them: [B,H,d,S]
-        memory_kvs = [tuple(jnp.transpose(t, (0, 2, 3, 1)) for t in kv) for kv in memory_kvs]
     ctx_blocked = (input_ids == c.decoder_padding_idx)[:, None, None, :]
     pe = jnp.asarray(sinusoid_table(M, c.dec_hidden_size))
     lps = jnp.asarray(_length_penalties(M, settings.alpha))
@@ -885,10 +944,17 @@ class PalmForTextGeneration(PretrainedModel):
         if fn is None:
             fn = jax.jit(partial(palm_search, self.module, settings))
             self._decode_cache[settings] = fn
+        encode = self._jit_cache.get("palm_encode")
+        if encode is None:
+            encode = self._jit_cache["palm_encode"] = jax.jit(partial(palm_encode, self.module))
+        # The encoder runs on the tokens that matter only (one program per packed-length bucket).
+        gather, scatter = pack_tokens(ids, mask, c.decoder_padding_idx)
+        ids_j = jnp.asarray(ids, jnp.int32)
+        memory_kvs = encode(self.params, ids_j, jnp.asarray(mask, jnp.int32), jnp.asarray(gather), jnp.asarray(scatter))
         seqs, lengths, scores = fn(
             self.params,
-            jnp.asarray(ids, jnp.int32),
-            jnp.asarray(mask, jnp.int32),
+            memory_kvs,
+            ids_j,
             jnp.int32(min_length),
             jnp.int32(max_length),
             jnp.int32(start),
