@@ -14,7 +14,7 @@ import lmzoo
 from lmzoo.convert.checkpoint import open_checkpoint
 from lmzoo.convert.keymap import ConversionError, flatten_tree
 from lmzoo.generation import compile_count
-from lmzoo.palm import PalmForTextGeneration, _ngram_bans
+from lmzoo.palm import PalmForTextGeneration, _ngram_bans, pack_tokens, palm_encode
 
 from .parity import assert_close, case_dir, cases, load_generate_records, load_npz
 
@@ -148,6 +148,42 @@ def test_ngram_bans_brute_force():
                     if tuple(s[p : p + n - 1]) == prefix:
                         want[r, s[p + n - 1]] = True
             np.testing.assert_array_equal(got, want, err_msg=f"n={n} length={length}")
+
+
+def test_pack_tokens_keeps_what_is_read():
+    ids = np.array([[5, 6, 0, 0], [5, 0, 7, 0], [0, 0, 0, 0], [5, 6, 7, 8]])
+    mask = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    gather, scatter = pack_tokens(ids, mask, pad=0, bucket=4)
+    # row 0: keys 0-1; row 1: keys 0-1 + the non-pad id at 2; row 2: nothing read, kept whole; row 3: all
+    kept = [0, 1, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15]
+    assert gather.tolist() == kept + [0] * 3  # padded to the bucket with position 0
+    assert scatter[kept].tolist() == list(range(len(kept)))
+    assert (np.delete(scatter, kept) == len(gather)).all()
+
+
+def test_packed_encoder_is_bitwise_the_padded_one():
+    """Dropped source tokens are masked keys / blocked positions: the kept keys and values are exact."""
+    model = load_case_model("palm-beam")
+    rec = load_generate_records("palm-beam")[0]
+    ids, mask = np.asarray(rec["input_ids"]), np.asarray(rec["attention_mask"])
+    ids = np.concatenate([ids, np.zeros_like(ids)], axis=1)  # more padding to drop
+    mask = np.concatenate([mask, np.zeros_like(mask)], axis=1)
+    gather, scatter = pack_tokens(ids, mask, model.config.decoder_padding_idx, bucket=1)
+    assert len(gather) < ids.size
+    enc = jax.jit(lambda *a: palm_encode(model.module, *a))
+    full = np.arange(ids.size, dtype=np.int32)
+    want = enc(model.params, ids, mask, full, full)
+    got = enc(model.params, ids, mask, gather, scatter)
+    keep = np.zeros(ids.size, bool)
+    keep[gather] = True
+    keep = keep.reshape(ids.shape)
+    for kv_want, kv_got in zip(want, got):
+        for w, g in zip(kv_want, kv_got):
+            w, g = np.asarray(w), np.asarray(g)
+            # [B,H,d,S] on XLA, [B,S,H,d] on the kernel path
+            sel = keep[:, None, None, :] if w.shape[-1] == ids.shape[1] else keep[:, :, None, None]
+            np.testing.assert_array_equal(np.where(sel, g, 0), np.where(sel, w, 0))
+            np.testing.assert_array_equal(np.where(sel, 0, g), 0)
 
 
 def test_sampling_is_reproducible_from_seed():
