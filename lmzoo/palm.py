@@ -378,20 +378,23 @@ def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
 
 
 def presumm_attention(q, k, v, *, blocked=None, invalid=None, dtype=jnp.float32, kv_transposed=False):
-    """q [B,Q,H,d], k/v [B,K,H,d] ([B,H,d,K] with ``kv_transposed``: how decoding keeps the source keys
-    and values, so that every step's two matmuls read them as they are, without a per-step transpose). ``blocked`` (True = masked_fill
+    """q [B,Q,H,d], k/v [B,K,H,d] (with ``kv_transposed``: k [B,H,d,K], v [B,H,K,d], how decoding keeps the
+    source keys and values, so that every step's two matmuls read them as they are, without a per-step
+    transpose; the value matmul then writes [B,H,Q,d], transposed after). ``blocked`` (True = masked_fill
     -1e18) and ``invalid`` (True = no key at all: cache slots not written yet) broadcast to [B,H,Q,K].
     Returns (out [B,Q,H,d], probs [B,H,Q,K])."""
     d = q.shape[-1]
     q = q.astype(dtype) / jnp.asarray(math.sqrt(d), dtype)  # divided before the matmul, as the original
-    kv = "bhdk" if kv_transposed else "bkhd"
-    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k.astype(dtype)).astype(jnp.float32)
+    scores = jnp.einsum(f"bqhd,{'bhdk' if kv_transposed else 'bkhd'}->bhqk", q, k.astype(dtype)).astype(jnp.float32)
     if blocked is not None:
         scores = jnp.where(blocked, jnp.float32(MASK_VALUE), scores)
     if invalid is not None:
         scores = jnp.where(invalid, -jnp.inf, scores)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(f"bhqk,{kv}->bqhd", probs.astype(dtype), v.astype(dtype))
+    if kv_transposed:
+        out = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v.astype(dtype)), 1, 2)
+    else:
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
     return out, probs
 
 
@@ -581,7 +584,7 @@ class PalmModule(nn.Module):
     def decode_step(self, tokens, index, pe_row, cache, memory_kvs, ctx_blocked, ancestry=None):
         """One incremental step for rows [B,K]: tokens [B,K] at position ``index``; cache per layer
         (k, v) [B*K,H,M,d], head-major so the step reads it without a transpose; memory_kvs per layer
-        (k, v) [B,H,d,S] shared by an item's K beams ([B,S,H,d] with attention_impl="pallas").
+        k [B,H,d,S], v [B,H,S,d] shared by an item's K beams ([B,S,H,d] with attention_impl="pallas").
         ``ancestry`` [B*K,M] (beam search): the cache is in write order, not reordered by beam; row n
         attends to ``cache[ancestry[n, m], :, m]`` at position m (see :func:`palm_search`).
 
@@ -726,10 +729,10 @@ class SearchSettings:
 
 def palm_encode(module: PalmModule, params, input_ids, attention_mask, gather, scatter):
     """The source keys / values of every decoder layer from the packed encoder (:func:`pack_tokens`), in
-    the layout the search reads: [B,H,d,S] ([B,S,H,d] with attention_impl="pallas")."""
+    the layout the search reads: k [B,H,d,S], v [B,H,S,d] ([B,S,H,d] with attention_impl="pallas")."""
     memory_kvs = module.apply({"params": params}, input_ids, attention_mask, gather, scatter, method=PalmModule.packed_memory_kvs)
     if module.config.attention_impl != "pallas":  # as every step's matmuls read them, no per-step transpose
-        memory_kvs = [tuple(jnp.transpose(t, (0, 2, 3, 1)) for t in kv) for kv in memory_kvs]
+        memory_kvs = [(jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))) for k, v in memory_kvs]
     return memory_kvs
 
 
