@@ -269,6 +269,19 @@ def _lsg_inputs(G, t, seed, n=2, h=4, d=8):
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"G{g[0]}-B{g[1]}-S{g[2]}-sf{g[3]}-t{g[4]}")
 def test_lsg_attention_matches_literal_reference(geometry):
+    _check_against_literal_reference(geometry)
+
+
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4]], ids=lambda g: f"G{g[0]}-B{g[1]}-S{g[2]}-sf{g[3]}-t{g[4]}")
+def test_lsg_attention_xla_loop_in_several_steps_per_head(geometry, monkeypatch):
+    """The XLA path loops over (row, head, run of query blocks): force runs of 2 blocks (several per head)."""
+    import lmzoo.lsg_attention as lsg
+
+    monkeypatch.setattr(lsg, "_XLA_CHUNK_QUERIES", 2 * geometry[1])
+    _check_against_literal_reference(geometry)
+
+
+def _check_against_literal_reference(geometry):
     G, B, sbs, sf, t, types = geometry
     q, k, v, m = _lsg_inputs(G, t, seed=t + sf)
     for stype in types:
