@@ -512,15 +512,20 @@ def _lsg_blocks_xla(qt, kt, vt, mask, kg, vg, sparse, B, scale=None, bias: Optio
     window reads the previous / own / next block of a zero-padded block view of the keys. With a bias,
     each piece gets the bias of its distances (globals at -G..-1; sparse keys: ``sparse[3]``, [n?,H,nb,B,S]).
 
-    The work is a loop (``lax.map``) over (row, head, run of consecutive query blocks), about
-    ``_XLA_CHUNK_QUERIES`` queries a step: on CPU XLA fuses a step's matmuls and softmax into one kernel
-    whose working buffers then stay small (the whole-tensor version allocated and zero-filled hundreds of
-    MB per layer on every call and ran 1.3-1.8x slower at 4k-16k tokens). Same values.
+    On CPU the work is a loop (``lax.map``) over (row, head, run of consecutive query blocks), about
+    ``_XLA_CHUNK_QUERIES`` queries a step: XLA fuses a step's matmuls and softmax into one kernel whose
+    working buffers then stay small (the whole-tensor version allocated and zero-filled hundreds of MB per
+    layer on every call and ran 1.3-1.8x slower at 4k-16k tokens). On other backends, where a sequential
+    loop would only cost parallelism (and would cut across a sharded batch), the same body runs once over
+    all rows, heads and blocks. Same values either way.
     """
     n, H, t, d = qt.shape
     G = kg.shape[2]
     nb = t // B
-    c = max(x for x in range(1, nb + 1) if nb % x == 0 and (x * B <= _XLA_CHUNK_QUERIES or x == 1))
+    if jax.default_backend() == "cpu":  # rows, heads, blocks per step
+        nr, nh, c = 1, 1, max(x for x in range(1, nb + 1) if nb % x == 0 and (x * B <= _XLA_CHUNK_QUERIES or x == 1))
+    else:
+        nr, nh, c = n, H, nb
     nc = nb // c
     qb = qt.reshape(n, H, nb, B, d)
     kb = jnp.pad(kt.reshape(n, H, nb, B, d), ((0, 0), (0, 0), (1, 1), (0, 0), (0, 0)))
@@ -541,16 +546,16 @@ def _lsg_blocks_xla(qt, kt, vt, mask, kg, vg, sparse, B, scale=None, bias: Optio
             ops["bs"] = (sparse[3], 0)
 
     def body(i):
-        row, h, j = i // (H * nc), (i // nc) % H, (i % nc) * c
+        row, h, j = i // (H // nh * nc) * nr, (i // nc) % (H // nh) * nh, (i % nc) * c
         x = {}
         for name, (a, halo) in ops.items():
             if name == "bl":  # [3, 1, H, B, B]
-                x[name] = jax.lax.dynamic_slice_in_dim(a, h, 1, 2)[:, :, :, None]
+                x[name] = jax.lax.dynamic_slice_in_dim(a, h, nh, 2)[:, :, :, None]
                 continue
             if a.shape[0] > 1:
-                a = jax.lax.dynamic_slice_in_dim(a, row, 1, 0)
+                a = jax.lax.dynamic_slice_in_dim(a, row, nr, 0)
             if a.shape[1] > 1:
-                a = jax.lax.dynamic_slice_in_dim(a, h, 1, 1)
+                a = jax.lax.dynamic_slice_in_dim(a, h, nh, 1)
             if halo is not None:
                 a = jax.lax.dynamic_slice_in_dim(a, j, c + halo, 2)
             x[name] = a
@@ -578,9 +583,13 @@ def _lsg_blocks_xla(qt, kt, vt, mask, kg, vg, sparse, B, scale=None, bias: Optio
             e = jnp.exp(s - row_max)
             den = den + e.sum(-1, keepdims=True)
             out = out + jnp.einsum(eq, e.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
-        return (out / den).astype(qt.dtype).reshape(c * B, d)
+        return (out / den).astype(qt.dtype).reshape(nr, nh, c * B, d)
 
-    out = jax.lax.map(body, jnp.arange(n * H * nc, dtype=jnp.int32))  # [(row, head, chunk), c*B, d]
+    steps = n // nr * (H // nh) * nc
+    if steps == 1:
+        return body(0).reshape(n, H, t, d)
+    out = jax.lax.map(body, jnp.arange(steps, dtype=jnp.int32))  # [(row, head, chunk) steps, nr, nh, c*B, d]
+    out = out.reshape(n // nr, H // nh, nc, nr, nh, c * B, d).transpose(0, 3, 1, 4, 2, 5, 6)
     return out.reshape(n, H, t, d)
 
 

@@ -281,6 +281,16 @@ def test_lsg_attention_xla_loop_in_several_steps_per_head(geometry, monkeypatch)
     _check_against_literal_reference(geometry)
 
 
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4]], ids=lambda g: f"G{g[0]}-B{g[1]}-S{g[2]}-sf{g[3]}-t{g[4]}")
+def test_lsg_attention_xla_in_one_step_off_cpu(geometry, monkeypatch):
+    """Off CPU the XLA path runs its body once over all rows, heads and blocks (no loop)."""
+    import lmzoo.lsg_attention as lsg
+
+    monkeypatch.setattr(lsg.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(lsg.jax.lax, "map", lambda *a, **k: pytest.fail("the XLA path looped off CPU"))
+    _check_against_literal_reference(geometry)
+
+
 def _check_against_literal_reference(geometry):
     G, B, sbs, sf, t, types = geometry
     q, k, v, m = _lsg_inputs(G, t, seed=t + sf)
