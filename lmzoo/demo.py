@@ -1,6 +1,6 @@
 """``lmzoo demo``: a short, real training run on CPU that a newcomer can watch.
 
-It pretrains a small LongLM-shaped model (T5 v1.0, about 1.4M params) on the English stories shipped in
+It pretrains a small LongLM-shaped model (T5 v1.0, about 1.0M params) on the English stories shipped in
 ``lmzoo/data`` with LongLM's objective (span infilling + continuation, several stories packed per row),
 showing a progress bar with a falling loss; saves checkpoints and exports the model; reloads it with
 ``lmzoo.from_pretrained``; and decodes greedily: it continues several different story openings and
