@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import KV_LAYOUTS, dot_product_attention, weighted_values
+from .layers import dot_product_attention, kv_layouts, weighted_values
 
 __all__ = ["attend", "kernel_block", "segment_positions", "check_segment_pair"]
 
@@ -105,14 +105,14 @@ def attend(
     values, whose gradient reaches v only, as the original's does. (Adding the float32 minimum gives the
     same forward, but its backward passes a softmax gradient to the scores of a fully masked row.)
 
-    kv_layout: "blhd" (k/v [B,Lk,H,D]), "bhld" or "bhdl". Decoding loops keep their caches head-major
-    ("bhld" for the growing self-attention cache, "bhdl" for the fixed cross-attention keys / values), the
-    layouts the XLA step's matmuls read as they are, so no cache is transposed in every step.
+    kv_layout: "blhd" (k/v [B,Lk,H,D]), "bhld" or "bhdl", or a pair (k layout, v layout). Decoding loops
+    keep their caches head-major in the layouts the XLA step's matmuls read as they are (keys [.., D, Lk]
+    for q·k, values [.., Lk, D] or [.., D, Lk] for the weighted sum), so no cache is transposed in every
+    step.
     """
     B, Lq, H, _ = q.shape
-    if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"kv_layout must be one of {sorted(KV_LAYOUTS)}, got {kv_layout!r}")
-    Lk = k.shape[{"blhd": 1, "bhld": 2, "bhdl": 3}[kv_layout]]
+    k_layout, v_layout = kv_layouts(kv_layout)
+    Lk = k.shape[{"blhd": 1, "bhld": 2, "bhdl": 3}[k_layout]]
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids go together")
     if q_segment_ids is not None and replace_masked:
@@ -123,9 +123,8 @@ def attend(
                              "set the attention dropout to 0, or use attention_impl='xla'")
         from lmzoo.kernels.block_sparse_attention import block_sparse_attention, relative_positions
 
-        if kv_layout != "blhd":  # the kernel reads [B, L, H, D]
-            order = {"bhld": (0, 2, 1, 3), "bhdl": (0, 3, 1, 2)}[kv_layout]
-            k, v = jnp.transpose(k, order), jnp.transpose(v, order)
+        order = {"blhd": (0, 1, 2, 3), "bhld": (0, 2, 1, 3), "bhdl": (0, 3, 1, 2)}  # the kernel reads [B, L, H, D]
+        k, v = jnp.transpose(k, order[k_layout]), jnp.transpose(v, order[v_layout])
 
         bq, bk = kernel_block(Lq), kernel_block(Lk)
         # decoding with a cache: q_offset is traced; the causal layout must cover every offset
@@ -173,7 +172,7 @@ def attend(
             q, k, v, bias=bias, mask=mask, scale=scale, dtype=dtype, mask_value=mask_value, kv_layout=kv_layout
         )
         return out
-    if kv_layout != "blhd":
+    if (k_layout, v_layout) != ("blhd", "blhd"):
         raise ValueError("probs_fn takes keys and values as [B, L, H, D] (kv_layout='blhd')")
     qs = q.astype(dtype) * jnp.asarray(scale, dtype) if scale != 1.0 else q.astype(dtype)
     scores = jnp.einsum("bqhd,bkhd->bhqk", qs, k.astype(dtype)).astype(jnp.float32)

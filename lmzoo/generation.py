@@ -53,6 +53,10 @@ class Decoding:
     cache_bucket: Optional[int] = 64  # decoder positions are cached for max_length rounded up to this
     beam_rules: str = "4.46"  # "4.33": beam length penalty counts the whole prompt (decoder-only models)
     max_positions: Optional[int] = None  # learned decoder positions: max_length may not exceed them
+    # True: ``static`` stays [B, ...] (one copy per input row) while the cache and tokens have N = B·n rows,
+    # each input row's n beams / returned sequences consecutive; the step groups them (e.g. as n queries
+    # against one copy of the encoder's keys and values). False: every static leaf is repeated to N rows.
+    shared_static: bool = False
 
     def prompt_offset(self, prompt_len: int) -> int:
         """P in the beam length penalty ``sum_logprobs / (length - P)**lp`` (length = tokens incl. prompt)."""
@@ -290,7 +294,7 @@ def _greedy_or_sample(dec: Decoding, s: GenerationSettings, S: int):
         B = inputs["input_ids"].shape[0]
         static, cache = dec.start(params, inputs, S)
         n = s.num_return_sequences if s.do_sample else 1
-        static, cache = _expand(static, n), _expand(cache, n)
+        static, cache = (static if dec.shared_static else _expand(static, n)), _expand(cache, n)
         N = B * n
         tokens, first = _initial_tokens(dec, inputs, n, S, dyn)
 
@@ -353,7 +357,7 @@ def _beam_search(dec: Decoding, s: GenerationSettings, S: int):
         N = B * nb
         P = dec.prompt_offset(inputs["input_ids"].shape[1])
         static, cache = dec.start(params, inputs, S)
-        static, cache = _expand(static, nb), _expand(cache, nb)
+        static, cache = (static if dec.shared_static else _expand(static, nb)), _expand(cache, nb)
         V = dec.vocab_size
         tokens, first = _initial_tokens(dec, inputs, nb, S, dyn)
         beam_scores = jnp.tile(jnp.concatenate([jnp.zeros((1,)), jnp.full((nb - 1,), -1e9)]), (B,)).astype(jnp.float32)

@@ -160,11 +160,12 @@ def dot_product_attention(
 
     Masked scores are replaced by ``mask_value`` (default: the float32 minimum, as transformers
     does, so a fully masked row attends uniformly instead of producing NaN). Softmax in float32.
-    ``kv_layout`` names how k and v are laid out: "blhd" (above), "bhld" or "bhdl" — decoding keeps its
-    caches head-major so that every step's matmuls read them without a transpose.
+    ``kv_layout`` names how k and v are laid out: "blhd" (above), "bhld" or "bhdl", or a pair
+    (k layout, v layout) — decoding keeps its caches head-major so that every step's matmuls read them
+    without a transpose.
     Returns (out [B,Lq,H,D], probs [B,H,Lq,Lk]).
     """
-    kv = KV_LAYOUTS[kv_layout]
+    kv = KV_LAYOUTS[kv_layouts(kv_layout)[0]]
     scores = jnp.einsum(f"bqhd,{kv}->bhqk", q.astype(dtype) * jnp.asarray(scale, dtype) if scale != 1.0 else q.astype(dtype), k.astype(dtype))
     scores = scores.astype(jnp.float32)
     if bias is not None:
@@ -178,7 +179,7 @@ def dot_product_attention(
 
 def weighted_values(probs: Array, v: Array, *, kv_layout: str = "blhd", dtype: Any = jnp.float32) -> Array:
     """``sum_k probs[b,h,q,k] v[b,k,h,:]`` as [B,Lq,H,D] (v laid out as ``kv_layout`` names)."""
-    out = jnp.einsum(f"bhqk,{KV_LAYOUTS[kv_layout]}->bhqd", probs.astype(dtype), v.astype(dtype))
+    out = jnp.einsum(f"bhqk,{KV_LAYOUTS[kv_layouts(kv_layout)[1]]}->bhqd", probs.astype(dtype), v.astype(dtype))
     if jax.default_backend() == "cpu":
         # Keep the matmul's own [B,H,Lq,D] output and transpose it afterwards: left alone, XLA's CPU layout
         # assignment folds the transpose into the matmul, which then runs several times slower (the
@@ -189,6 +190,14 @@ def weighted_values(probs: Array, v: Array, *, kv_layout: str = "blhd", dtype: A
 
 # einsum operand spelling (k: key index) of each key/value layout dot_product_attention accepts
 KV_LAYOUTS = {"blhd": "bkhd", "bhld": "bhkd", "bhdl": "bhdk"}
+
+
+def kv_layouts(kv_layout) -> tuple[str, str]:
+    """(k layout, v layout) from one layout name for both or a pair; unknown names raise ValueError."""
+    pair = (kv_layout, kv_layout) if isinstance(kv_layout, str) else tuple(kv_layout)
+    if len(pair) != 2 or any(x not in KV_LAYOUTS for x in pair):
+        raise ValueError(f"kv_layout must be one of {sorted(KV_LAYOUTS)} or a (k, v) pair of them, got {kv_layout!r}")
+    return pair
 
 
 def t5_relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):

@@ -198,18 +198,20 @@ class BartAttention(nn.Module):
     def merge(self, ctx):
         return self.out_proj(ctx.reshape(ctx.shape[:-2] + (self.config.d_model,)))
 
-    def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0, q_segment_ids=None, kv_segment_ids=None):
+    def __call__(self, x, kv=None, *, key_mask=None, causal=False, q_offset=0, q_segment_ids=None, kv_segment_ids=None,
+                 kv_layout="blhd"):
         """Dense attention (BartAttention, eager): q scaled by head_dim**-0.5; kv precomputed or from x.
 
         key_mask [B, Lk] (1 = visible), causal with queries at q_offset + i; masked scores get the float32
         minimum added, as transformers does; segment ids (packed rows) keep queries within their segment.
-        ``attention_impl`` picks XLA or the block-sparse kernel.
+        ``attention_impl`` picks XLA or the block-sparse kernel. kv_layout: how a precomputed kv is laid
+        out (see :func:`lmzoo.attention.attend`; decoding keeps its caches head-major).
         """
         q = constrain(self.heads(self.q_proj(x)), ("batch", "length", "act_heads", "kv"))
         k, v = kv if kv is not None else self.project_kv(x)
         ctx = attend(q, k, v, impl=self.config.attention_impl, scale=self.head_dim**-0.5, key_mask=key_mask,
                      causal=causal, q_offset=q_offset, dtype=self.config.compute_dtype,
-                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, kv_layout=kv_layout)
         return self.merge(ctx)
 
 
@@ -281,11 +283,16 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(c, c.decoder_ffn_dim)
         self.final_layer_norm = LayerNorm(**ln)
 
-    def __call__(self, y, *, self_kv=None, self_attn: dict, cross_kv, cross_mask=None, cross_segments=(None, None)):
+    def __call__(self, y, *, self_kv=None, self_attn: dict, cross_kv, cross_mask=None, cross_segments=(None, None),
+                 cross_kv_layout="blhd"):
+        """cross_kv may hold one row per input row while y has n rows per input row (decoding: beams /
+        samples, consecutive); those n rows then are n queries of their input row's cross-attention."""
         y = self.self_attn_layer_norm(y + self.self_attn(y, self_kv, **self_attn))
         q_seg, kv_seg = cross_segments
-        y = self.encoder_attn_layer_norm(y + self.encoder_attn(y, cross_kv, key_mask=cross_mask, q_segment_ids=q_seg,
-                                                               kv_segment_ids=kv_seg))
+        B = cross_kv[0].shape[0]
+        ctx = self.encoder_attn(y.reshape((B, -1) + y.shape[2:]), cross_kv, key_mask=cross_mask, q_segment_ids=q_seg,
+                                kv_segment_ids=kv_seg, kv_layout=cross_kv_layout)
+        y = self.encoder_attn_layer_norm(y + ctx.reshape(y.shape))
         y = self.final_layer_norm(y + self.ffn(y))
         return constrain(y, ("batch", "length", "act_embed"))
 
@@ -448,18 +455,22 @@ class BartModule(nn.Module):
         return self.lm_logits(h)
 
     def decode_step(self, tokens, index, cache, cross_kvs, cross_mask):
-        """One token per row at position ``index``; cache: per-layer (k, v) [N, S, H, dh]."""
+        """One token per row at position ``index``. Head-major layouts that the step's matmuls read as they
+        are (a [N, S, H, dh] cache would be transposed whole in every step): cache per layer k [N, H, dh, S],
+        v [N, H, S, dh]; cross_kvs likewise per layer, k [B, H, dh, S_enc] and v [B, H, S_enc, dh], and
+        cross_mask [B, S_enc], one copy
+        per input row (the N = B·n rows are n beams or samples of each input row, consecutive)."""
         c = self.config
         y = self.shared(tokens[:, None]) * jnp.asarray(c.embed_scale, c.compute_dtype)
         y = self.decoder.embed(y, jnp.reshape(index, (1,)))
         new_cache = []
         for i, layer in enumerate(self.decoder.layers):
-            k, v = layer.self_attn.project_kv(y)
-            kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k.astype(cache[i][0].dtype), index, axis=1)
-            vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v.astype(cache[i][1].dtype), index, axis=1)
+            k, v = layer.self_attn.project_kv(y)  # [N, 1, H, dh]
+            kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], jnp.transpose(k, (0, 2, 3, 1)).astype(cache[i][0].dtype), index, axis=3)
+            vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], jnp.swapaxes(v, 1, 2).astype(cache[i][1].dtype), index, axis=2)
             new_cache.append((kc, vc))
-            y = layer(y, self_kv=(kc, vc), self_attn=dict(causal=True, q_offset=index), cross_kv=cross_kvs[i],
-                      cross_mask=cross_mask)
+            y = layer(y, self_kv=(kc, vc), self_attn=dict(causal=True, q_offset=index, kv_layout=("bhdl", "bhld")),
+                      cross_kv=cross_kvs[i], cross_mask=cross_mask, cross_kv_layout=("bhdl", "bhld"))
         return self.lm_logits(y)[:, 0].astype(jnp.float32), new_cache
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None):
@@ -602,10 +613,11 @@ class BartForConditionalGeneration(PretrainedModel):
                 mask = jnp.ones(ids.shape, jnp.int32)
             enc, cross = module.apply(v, ids, mask, None, self.lsh_projections(inputs.get("lsh_key", jax.random.key(0))),
                                       method=BartModule.encode)
-            kvs = module.apply(v, enc, method=BartModule.cross_kvs)
-            n = ids.shape[0]
-            z = jnp.zeros((n, max_len, c.decoder_attention_heads, hd), c.compute_dtype)
-            cache = [(z, z) for _ in range(c.decoder_layers)]
+            kvs = [(jnp.transpose(ck, (0, 2, 3, 1)), jnp.swapaxes(cv, 1, 2)) for ck, cv in module.apply(v, enc, method=BartModule.cross_kvs)]
+            n, H = ids.shape[0], c.decoder_attention_heads
+            # layouts: see BartModule.decode_step
+            cache = [(jnp.zeros((n, H, hd, max_len), c.compute_dtype), jnp.zeros((n, H, max_len, hd), c.compute_dtype))
+                     for _ in range(c.decoder_layers)]
             static = {"cross": kvs, "cross_mask": cross}
             return static, cache
 
@@ -619,7 +631,7 @@ class BartForConditionalGeneration(PretrainedModel):
         bucket = None if c.is_lsg or c.max_position_embeddings % 32 else 32
         return Decoding(
             start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=True, length_bucket=bucket,
-            max_positions=c.max_position_embeddings,
+            max_positions=c.max_position_embeddings, shared_static=True,
         )
 
 

@@ -351,22 +351,25 @@ class T5Module(nn.Module):
         return h, self.lm_logits(h)
 
     def decode_step(self, tokens, index, cache, cross_kvs, cross_mask):
-        """One decoding step for every row: tokens [N], index = position; cache: per-block (k, v) [N,H,S,Dk]
-        and cross_kvs per block (k, v) [N,H,Dk,S_enc]: head-major, the layouts the step's matmuls read as
-        they are (no cache is transposed in every step)."""
+        """One decoding step for every row: tokens [N], index = position. Head-major layouts that the step's
+        matmuls read as they are (no cache is transposed in every step): cache per block k [N,H,Dk,S] and
+        v [N,H,S,Dk]; cross_kvs per block k [B,H,Dk,S_enc], v [B,H,S_enc,Dk], with cross_mask [B,S_enc], one copy per
+        input row: the N = B·n rows (n beams or samples of each input row, consecutive) are that row's n
+        queries of the cross-attention."""
+        N, B = tokens.shape[0], cross_kvs[0][0].shape[0]
         y = self.shared(tokens[:, None])
         self_attn = self.decoder.self_attention_args(q_offset=index)
         new_cache = []
         x = y
         for i, blk in enumerate(self.decoder.blocks):
             h = blk.self_attn_norm(x)
-            k, v = (jnp.swapaxes(t, 1, 2) for t in blk.self_attn.project_kv(h))  # [N,H,1,Dk]
-            kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k.astype(cache[i][0].dtype), index, axis=2)
-            vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v.astype(cache[i][1].dtype), index, axis=2)
+            k, v = blk.self_attn.project_kv(h)  # [N,1,H,Dk]
+            kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], jnp.transpose(k, (0, 2, 3, 1)).astype(cache[i][0].dtype), index, axis=3)
+            vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], jnp.swapaxes(v, 1, 2).astype(cache[i][1].dtype), index, axis=2)
             new_cache.append((kc, vc))
-            x = blk._clamp(x + blk.self_attn(h, (kc, vc), kv_layout="bhld", **self_attn))
-            h = blk.cross_attn_norm(x)
-            x = blk._clamp(x + blk.cross_attn(h, cross_kvs[i], key_mask=cross_mask, kv_layout="bhdl"))
+            x = blk._clamp(x + blk.self_attn(h, (kc, vc), kv_layout=("bhdl", "bhld"), **self_attn))
+            h = blk.cross_attn_norm(x).reshape(B, N // B, -1)
+            x = blk._clamp(x + blk.cross_attn(h, cross_kvs[i], key_mask=cross_mask, kv_layout=("bhdl", "bhld")).reshape(x.shape))
             x = blk._clamp(x + blk.mlp(blk.mlp_norm(x)))
         h = self.decoder.final_layer_norm(x)
         return self.lm_logits(h)[:, 0].astype(jnp.float32), new_cache
@@ -493,10 +496,11 @@ class T5ForConditionalGeneration(PretrainedModel):
                 enc, mask = module.apply(v, ids, mask, None, lsh, method=T5Module.encode_lsg)
             else:
                 enc = module.apply(v, ids, mask, method=T5Module.encode)
-            cross = [tuple(jnp.transpose(t, (0, 2, 3, 1)) for t in kv) for kv in module.apply(v, enc, method=T5Module.cross_kvs)]
+            cross = [(jnp.transpose(ck, (0, 2, 3, 1)), jnp.swapaxes(cv, 1, 2)) for ck, cv in module.apply(v, enc, method=T5Module.cross_kvs)]
             n = ids.shape[0]
-            z = jnp.zeros((n, c.num_heads, max_len, c.d_kv), c.compute_dtype)  # head-major: see T5Module.decode_step
-            cache = [(z, z) for _ in range(c.num_decoder_layers)]
+            zk = jnp.zeros((n, c.num_heads, c.d_kv, max_len), c.compute_dtype)  # layouts: see T5Module.decode_step
+            zv = jnp.zeros((n, c.num_heads, max_len, c.d_kv), c.compute_dtype)
+            cache = [(zk, zv) for _ in range(c.num_decoder_layers)]
             static = {"cross": cross, "cross_mask": mask}
             return static, cache
 
@@ -507,7 +511,7 @@ class T5ForConditionalGeneration(PretrainedModel):
 
         # LSG's result depends on the input length (fallback, block padding): no length bucket
         return Decoding(start=start, step=step, vocab_size=c.vocab_size, is_encoder_decoder=True,
-                        length_bucket=None if c.is_lsg else 32)
+                        length_bucket=None if c.is_lsg else 32, shared_static=True)
 
     def lsh_projections(self, lsh_key):
         """Per-layer random matrices of an LSG lsh encoder (None for every other model)."""

@@ -570,7 +570,8 @@ def test_bad_arguments_raise():
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_attend_reads_head_major_kv_layouts(impl):
-    """attend() gives the same result for k / v stored [B,L,H,D], [B,H,L,D] or [B,H,D,L] (decoding caches)."""
+    """attend() gives the same result for k / v stored [B,L,H,D], [B,H,L,D] or [B,H,D,L] (decoding caches),
+    one layout for both or each its own."""
     from lmzoo.attention import attend
 
     r = np.random.default_rng(0)
@@ -578,8 +579,12 @@ def test_attend_reads_head_major_kv_layouts(impl):
     kw = dict(key_mask=jnp.asarray(r.random((2, 7)) > 0.3).at[:, 0].set(True), causal=True, q_offset=4,
               bias_table=jnp.asarray(r.normal(size=(5, 4)), jnp.float32), bucket_fn=lambda rel: jnp.clip(rel + 4, 0, 4))
     want = attend(q, k, v, impl="xla", **kw)
-    for layout, order in (("bhld", (0, 2, 1, 3)), ("bhdl", (0, 2, 3, 1))):
-        got = attend(q, jnp.transpose(k, order), jnp.transpose(v, order), impl=impl, kv_layout=layout, **kw)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="kv_layout"):
-        attend(q, k, v, kv_layout="lbhd")
+    orders = {"blhd": (0, 1, 2, 3), "bhld": (0, 2, 1, 3), "bhdl": (0, 2, 3, 1)}
+    for kl, ko in orders.items():
+        for vl, vo in orders.items():
+            layout = kl if kl == vl else (kl, vl)
+            got = attend(q, jnp.transpose(k, ko), jnp.transpose(v, vo), impl=impl, kv_layout=layout, **kw)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6, err_msg=str(layout))
+    for bad in ("lbhd", ("bhdl",), ("bhdl", "lbhd")):
+        with pytest.raises(ValueError, match="kv_layout"):
+            attend(q, k, v, kv_layout=bad)
