@@ -22,7 +22,7 @@ import numpy as np
 
 from .attention import F32_MIN, attend
 from .configuration import ConfigError, ModelConfig
-from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain
+from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain, kv_layouts
 from .modeling import PretrainedModel
 from .outputs import ModelOutput
 
@@ -271,8 +271,9 @@ class GLMAttention(nn.Module):
         y = jnp.einsum("bsh,hknd->bsknd", h.astype(dt), w) + self.qkv_bias[which].astype(dt)
         return constrain(y, ("batch", "length", None, "act_heads", "kv"))
 
-    def attend(self, q, k, v, mask):
-        """q [B,S,n,d], k/v [B,T,n,d] -> [B,S,H] after ``dense``.
+    def attend(self, q, k, v, mask, kv_layout="blhd"):
+        """q [B,S,n,d], k/v [B,T,n,d] (or head-major, as ``kv_layout`` names: see
+        :func:`lmzoo.attention.attend`) -> [B,S,H] after ``dense``.
 
         ``mask``: a dense [B|1,1,S,T] mask (bool or 0/1 numbers; the XLA path) or, with
         ``attention_impl="pallas"``, the factored form of :func:`attention_mask_spec` (kernel path, or
@@ -282,29 +283,33 @@ class GLMAttention(nn.Module):
         dt = c.compute_dtype
         if isinstance(mask, dict):
             if mask.get("dense") is None:
-                ctx = _kernel_context(q, k, v, mask, c)
+                ctx = _kernel_context(q, k, v, mask, c, kv_layout)
             else:
                 ctx = jax.lax.cond(
                     mask["factored"],
-                    lambda: _kernel_context(q, k, v, mask, c),
-                    lambda: _xla_context(q, k, v, mask["dense"], c),
+                    lambda: _kernel_context(q, k, v, mask, c, kv_layout),
+                    lambda: _xla_context(q, k, v, mask["dense"], c, kv_layout),
                 )
         else:
-            ctx = _xla_context(q, k, v, mask, c)
+            ctx = _xla_context(q, k, v, mask, c, kv_layout)
         ctx = constrain(ctx.astype(dt), ("batch", "length", "act_heads", "kv"))
         return jnp.einsum("bsnd,ndh->bsh", ctx, self.dense_kernel.astype(dt)) + self.dense_bias.astype(dt)
 
 
-def _xla_context(q, k, v, mask, c: GLMConfig):
+_KV_SPEC = {"blhd": "btnd", "bhld": "bntd", "bhdl": "bndt"}  # einsum letters of k / v in each layout
+
+
+def _xla_context(q, k, v, mask, c: GLMConfig, kv_layout="blhd"):
     """The original's attention, step by step (the numerical reference): [B,S,n,d]."""
     dt = c.compute_dtype
     d = c.head_dim
     a = c.attention_scale
+    ks, vs = (_KV_SPEC[x] for x in kv_layouts(kv_layout))
     if a > 1.0:
-        scores = jnp.einsum("bsnd,btnd->bnst", q / jnp.asarray(math.sqrt(a), dt), k / jnp.asarray(math.sqrt(d * a), dt))
+        scores = jnp.einsum(f"bsnd,{ks}->bnst", q / jnp.asarray(math.sqrt(a), dt), k / jnp.asarray(math.sqrt(d * a), dt))
     else:
         # The original divides K by sqrt(d) before the matmul; keep that order.
-        scores = jnp.einsum("bsnd,btnd->bnst", q, k / jnp.asarray(math.sqrt(d), dt))
+        scores = jnp.einsum(f"bsnd,{ks}->bnst", q, k / jnp.asarray(math.sqrt(d), dt))
     scores = scores.astype(jnp.float32)
     m = mask.astype(jnp.float32)
     if a > 1.0:
@@ -316,10 +321,10 @@ def _xla_context(q, k, v, mask, c: GLMConfig):
     else:
         scores = scores * m + MASK_FILL * (1.0 - m)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    return jnp.einsum("bnst,btnd->bsnd", probs, v.astype(dt))
+    return jnp.einsum(f"bnst,{vs}->bsnd", probs, v.astype(dt))
 
 
-def _kernel_context(q, k, v, spec: dict, c: GLMConfig):
+def _kernel_context(q, k, v, spec: dict, c: GLMConfig, kv_layout="blhd"):
     """The block-sparse kernel on the factored mask: [B,S,n,d].
 
     Scale d^-0.5 whatever ``attention_scale`` is: the original's a > 1 branch computes
@@ -328,11 +333,12 @@ def _kernel_context(q, k, v, spec: dict, c: GLMConfig):
     exactly zero weight (the kernel masks them), a fully masked row attends uniformly over all keys, and
     masked scores get no gradient (``replace_masked``).
     """
-    Lq, Lk = q.shape[1], k.shape[1]
+    Lq, Lk = q.shape[1], k.shape[{"blhd": 1, "bhld": 2, "bhdl": 3}[kv_layouts(kv_layout)[0]]]
     prefix_len = spec.get("prefix_len")
     return attend(
         q, k, v, impl="pallas", scale=c.head_dim**-0.5, key_mask=spec.get("key_mask"), causal=prefix_len is not None,
         q_offset=Lk - Lq, prefix_len=prefix_len, mask_value=F32_MIN, dtype=c.compute_dtype, replace_masked=True,
+        kv_layout=kv_layout,
     )
 
 
@@ -373,8 +379,9 @@ class GLMLayer(nn.Module):
         kv = self.attention.project(self.input_layernorm(x), slice(1, 3))
         return kv[:, :, 0], kv[:, :, 1]
 
-    def __call__(self, x, mask, mem=None, kv_cache=None):
-        """x [B,S,H]; mem [B,M,H] (hidden states) or kv_cache (k, v) [B,T,n,d] already holding x's own keys."""
+    def __call__(self, x, mask, mem=None, kv_cache=None, kv_layout="blhd"):
+        """x [B,S,H]; mem [B,M,H] (hidden states) or kv_cache (k, v) [B,T,n,d] (or as ``kv_layout`` names)
+        already holding x's own keys."""
         h = self.input_layernorm(x)
         if kv_cache is not None:
             q = self.attention.project(h, slice(0, 1))[:, :, 0]
@@ -386,7 +393,7 @@ class GLMLayer(nn.Module):
                 km, vm = self.kv(mem)
                 k = jnp.concatenate([km, k], axis=1)
                 v = jnp.concatenate([vm, v], axis=1)
-        x = x + self.attention.attend(q, k, v, mask)
+        x = x + self.attention.attend(q, k, v, mask, kv_layout if kv_cache is not None else "blhd")
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed"))
 
@@ -451,29 +458,40 @@ class GLMModule(nn.Module):
         return y, (self.logits(y) if logits else None), new_mems
 
     def prefill(self, input_ids, position_ids, mask, cache_len: int):
-        """Run a prompt [B,S] and return its K/V cache per layer, zero-padded to ``cache_len`` positions."""
+        """Run a prompt [B,S] and return its K/V cache per layer, zero-padded to ``cache_len`` positions, in
+        the layouts of :meth:`decode_step`."""
         x = self.embed(input_ids, position_ids)
         cache = []
         S = input_ids.shape[1]
         for layer in self.transformer.layers:
             k, v = layer.kv(x)
             pad = [(0, 0), (0, cache_len - S), (0, 0), (0, 0)]
-            cache.append((jnp.pad(k, pad), jnp.pad(v, pad)))
+            cache.append((jnp.transpose(jnp.pad(k, pad), (0, 2, 3, 1)), jnp.transpose(jnp.pad(v, pad), (0, 2, 1, 3))))
             x = layer(x, mask, kv_cache=(k, v))
         return cache
 
+    @staticmethod
+    def empty_cache(c: GLMConfig, batch: int, cache_len: int):
+        """An all-zero cache in the layouts of :meth:`decode_step`."""
+        k = jnp.zeros((batch, c.num_attention_heads, c.head_dim, cache_len), c.compute_dtype)
+        v = jnp.zeros((batch, c.num_attention_heads, cache_len, c.head_dim), c.compute_dtype)
+        return [(k, v) for _ in range(c.num_layers)]
+
     def decode_step(self, tokens, position_ids, key_mask, cache, index):
-        """Feed one token per row at cache slot ``index``: tokens [N], position_ids [N,2], key_mask [N,T] bool."""
+        """Feed one token per row at cache slot ``index``: tokens [N], position_ids [N,2], key_mask [N,T] bool.
+
+        cache per layer: k [N,n,d,T] and v [N,n,T,d], the layouts the step's matmuls read as they are (with
+        [N,T,n,d] XLA transposed the whole cache in every step)."""
         x = self.embed(tokens[:, None], position_ids[:, :, None])
         # one query per row: its generation-mask row is a key mask, which the kernel takes as it is
         mask = {"key_mask": key_mask} if self.config.attention_impl == "pallas" else key_mask[:, None, None, :]
         new_cache = []
         for layer, (kc, vc) in zip(self.transformer.layers, cache):
-            k, v = layer.kv(x)
-            kc = jax.lax.dynamic_update_slice_in_dim(kc, k.astype(kc.dtype), index, axis=1)
-            vc = jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), index, axis=1)
+            k, v = layer.kv(x)  # [N,1,n,d]
+            kc = jax.lax.dynamic_update_slice_in_dim(kc, jnp.transpose(k, (0, 2, 3, 1)).astype(kc.dtype), index, axis=3)
+            vc = jax.lax.dynamic_update_slice_in_dim(vc, jnp.swapaxes(v, 1, 2).astype(vc.dtype), index, axis=2)
             new_cache.append((kc, vc))
-            x = layer(x, mask, kv_cache=(kc, vc))
+            x = layer(x, mask, kv_cache=(kc, vc), kv_layout=("bhdl", "bhld"))
         y = self.transformer.final_layernorm(x)
         return self.logits(y)[:, 0].astype(jnp.float32), new_cache
 

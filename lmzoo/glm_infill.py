@@ -64,8 +64,7 @@ def glm_decoding(model) -> Decoding:
         if L > 1:
             cache = module.apply({"params": params}, ids[:, :-1], pos[:, :, : L - 1], pre_mask, max_len, method=GLMModule.prefill)
         else:
-            z = jnp.zeros((B, max_len, c.num_attention_heads, c.head_dim), c.compute_dtype)
-            cache = [(z, z) for _ in range(c.num_layers)]
+            cache = GLMModule.empty_cache(c, B, max_len)
         static = {"position_ids": pos}
         if gmask is not None:
             static["mask"] = gmask
@@ -73,7 +72,7 @@ def glm_decoding(model) -> Decoding:
 
     def step(params, static, cache, tokens, index):
         N = tokens.shape[0]
-        T = cache[0][0].shape[1]
+        T = cache[0][1].shape[2]  # v [N, n, T, d]
         pos = jax.lax.dynamic_index_in_dim(static["position_ids"], index, axis=2, keepdims=False)  # [N, 2]
         visible = jnp.arange(T)[None, :] <= index
         if "mask" in static:
