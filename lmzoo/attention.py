@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import dot_product_attention, kv_layouts, weighted_values
+from .layers import KV_LENGTH_AXIS, dot_product_attention, kv_layouts, weighted_values
 
 __all__ = ["attend", "kernel_block", "segment_positions", "check_segment_pair"]
 
@@ -112,7 +112,7 @@ def attend(
     """
     B, Lq, H, _ = q.shape
     k_layout, v_layout = kv_layouts(kv_layout)
-    Lk = k.shape[{"blhd": 1, "bhld": 2, "bhdl": 3}[k_layout]]
+    Lk = k.shape[KV_LENGTH_AXIS[k_layout]]
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids go together")
     if q_segment_ids is not None and replace_masked:

@@ -22,7 +22,8 @@ import numpy as np
 
 from .attention import F32_MIN, attend
 from .configuration import ConfigError, ModelConfig
-from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain, kv_layouts
+from .layers import (ACTIVATIONS, DECODE_KV_LAYOUT, KV_LAYOUTS, KV_LENGTH_AXIS, Embed, LayerNorm, Linear, constrain, decode_kv,
+                     kv_layouts, write_decode_cache)
 from .modeling import PretrainedModel
 from .outputs import ModelOutput
 
@@ -296,20 +297,17 @@ class GLMAttention(nn.Module):
         return jnp.einsum("bsnd,ndh->bsh", ctx, self.dense_kernel.astype(dt)) + self.dense_bias.astype(dt)
 
 
-_KV_SPEC = {"blhd": "btnd", "bhld": "bntd", "bhdl": "bndt"}  # einsum letters of k / v in each layout
-
-
 def _xla_context(q, k, v, mask, c: GLMConfig, kv_layout="blhd"):
     """The original's attention, step by step (the numerical reference): [B,S,n,d]."""
     dt = c.compute_dtype
     d = c.head_dim
     a = c.attention_scale
-    ks, vs = (_KV_SPEC[x] for x in kv_layouts(kv_layout))
+    ks, vs = (KV_LAYOUTS[x] for x in kv_layouts(kv_layout))
     if a > 1.0:
-        scores = jnp.einsum(f"bsnd,{ks}->bnst", q / jnp.asarray(math.sqrt(a), dt), k / jnp.asarray(math.sqrt(d * a), dt))
+        scores = jnp.einsum(f"bqhd,{ks}->bhqk", q / jnp.asarray(math.sqrt(a), dt), k / jnp.asarray(math.sqrt(d * a), dt))
     else:
         # The original divides K by sqrt(d) before the matmul; keep that order.
-        scores = jnp.einsum(f"bsnd,{ks}->bnst", q, k / jnp.asarray(math.sqrt(d), dt))
+        scores = jnp.einsum(f"bqhd,{ks}->bhqk", q, k / jnp.asarray(math.sqrt(d), dt))
     scores = scores.astype(jnp.float32)
     m = mask.astype(jnp.float32)
     if a > 1.0:
@@ -321,7 +319,7 @@ def _xla_context(q, k, v, mask, c: GLMConfig, kv_layout="blhd"):
     else:
         scores = scores * m + MASK_FILL * (1.0 - m)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    return jnp.einsum(f"bnst,{vs}->bsnd", probs, v.astype(dt))
+    return jnp.einsum(f"bhqk,{vs}->bqhd", probs, v.astype(dt))
 
 
 def _kernel_context(q, k, v, spec: dict, c: GLMConfig, kv_layout="blhd"):
@@ -333,7 +331,7 @@ def _kernel_context(q, k, v, spec: dict, c: GLMConfig, kv_layout="blhd"):
     exactly zero weight (the kernel masks them), a fully masked row attends uniformly over all keys, and
     masked scores get no gradient (``replace_masked``).
     """
-    Lq, Lk = q.shape[1], k.shape[{"blhd": 1, "bhld": 2, "bhdl": 3}[kv_layouts(kv_layout)[0]]]
+    Lq, Lk = q.shape[1], k.shape[KV_LENGTH_AXIS[kv_layouts(kv_layout)[0]]]
     prefix_len = spec.get("prefix_len")
     return attend(
         q, k, v, impl="pallas", scale=c.head_dim**-0.5, key_mask=spec.get("key_mask"), causal=prefix_len is not None,
@@ -466,32 +464,22 @@ class GLMModule(nn.Module):
         for layer in self.transformer.layers:
             k, v = layer.kv(x)
             pad = [(0, 0), (0, cache_len - S), (0, 0), (0, 0)]
-            cache.append((jnp.transpose(jnp.pad(k, pad), (0, 2, 3, 1)), jnp.transpose(jnp.pad(v, pad), (0, 2, 1, 3))))
+            cache.append(decode_kv(jnp.pad(k, pad), jnp.pad(v, pad)))
             x = layer(x, mask, kv_cache=(k, v))
         return cache
-
-    @staticmethod
-    def empty_cache(c: GLMConfig, batch: int, cache_len: int):
-        """An all-zero cache in the layouts of :meth:`decode_step`."""
-        k = jnp.zeros((batch, c.num_attention_heads, c.head_dim, cache_len), c.compute_dtype)
-        v = jnp.zeros((batch, c.num_attention_heads, cache_len, c.head_dim), c.compute_dtype)
-        return [(k, v) for _ in range(c.num_layers)]
 
     def decode_step(self, tokens, position_ids, key_mask, cache, index):
         """Feed one token per row at cache slot ``index``: tokens [N], position_ids [N,2], key_mask [N,T] bool.
 
-        cache per layer: k [N,n,d,T] and v [N,n,T,d], the layouts the step's matmuls read as they are (with
-        [N,T,n,d] XLA transposed the whole cache in every step)."""
+        cache per layer: (k, v) in the decoding layouts (``DECODE_KV_LAYOUT``: k [N,n,d,T], v [N,n,T,d])."""
         x = self.embed(tokens[:, None], position_ids[:, :, None])
         # one query per row: its generation-mask row is a key mask, which the kernel takes as it is
         mask = {"key_mask": key_mask} if self.config.attention_impl == "pallas" else key_mask[:, None, None, :]
         new_cache = []
-        for layer, (kc, vc) in zip(self.transformer.layers, cache):
-            k, v = layer.kv(x)  # [N,1,n,d]
-            kc = jax.lax.dynamic_update_slice_in_dim(kc, jnp.transpose(k, (0, 2, 3, 1)).astype(kc.dtype), index, axis=3)
-            vc = jax.lax.dynamic_update_slice_in_dim(vc, jnp.swapaxes(v, 1, 2).astype(vc.dtype), index, axis=2)
-            new_cache.append((kc, vc))
-            x = layer(x, mask, kv_cache=(kc, vc), kv_layout=("bhdl", "bhld"))
+        for layer, layer_cache in zip(self.transformer.layers, cache):
+            kv = write_decode_cache(layer_cache, *layer.kv(x), index)
+            new_cache.append(kv)
+            x = layer(x, mask, kv_cache=kv, kv_layout=DECODE_KV_LAYOUT)
         y = self.transformer.final_layernorm(x)
         return self.logits(y)[:, 0].astype(jnp.float32), new_cache
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .generation import Decoding, GenerationSettings, resolve_settings, search
+from .layers import empty_decode_cache
 
 __all__ = ["glm_decoding", "generate", "blank_layout", "fill_blanks", "BlankLayout", "multiple_choice_layout"]
 
@@ -64,7 +65,7 @@ def glm_decoding(model) -> Decoding:
         if L > 1:
             cache = module.apply({"params": params}, ids[:, :-1], pos[:, :, : L - 1], pre_mask, max_len, method=GLMModule.prefill)
         else:
-            cache = GLMModule.empty_cache(c, B, max_len)
+            cache = empty_decode_cache(c.num_layers, B, c.num_attention_heads, c.head_dim, max_len, c.compute_dtype)
         static = {"position_ids": pos}
         if gmask is not None:
             static["mask"] = gmask

@@ -192,12 +192,40 @@ def weighted_values(probs: Array, v: Array, *, kv_layout: str = "blhd", dtype: A
 KV_LAYOUTS = {"blhd": "bkhd", "bhld": "bhkd", "bhdl": "bhdk"}
 
 
+KV_LENGTH_AXIS = {"blhd": 1, "bhld": 2, "bhdl": 3}
+
+
 def kv_layouts(kv_layout) -> tuple[str, str]:
     """(k layout, v layout) from one layout name for both or a pair; unknown names raise ValueError."""
     pair = (kv_layout, kv_layout) if isinstance(kv_layout, str) else tuple(kv_layout)
     if len(pair) != 2 or any(x not in KV_LAYOUTS for x in pair):
         raise ValueError(f"kv_layout must be one of {sorted(KV_LAYOUTS)} or a (k, v) pair of them, got {kv_layout!r}")
     return pair
+
+
+# Decoding keeps keys [N, H, d, S] and values [N, H, S, d], the layouts a step's q·k and weighted sum read as
+# they are (with [N, S, H, d] caches XLA transposes every cache in every step).
+DECODE_KV_LAYOUT = ("bhdl", "bhld")
+
+
+def decode_kv(k: Array, v: Array) -> tuple[Array, Array]:
+    """k, v [N, L, H, d] in the decoding layouts (:data:`DECODE_KV_LAYOUT`)."""
+    return jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+
+
+def empty_decode_cache(layers: int, n: int, heads: int, head_dim: int, length: int, dtype) -> list:
+    """Per layer an all-zero (k, v) cache of ``length`` positions in the decoding layouts."""
+    k = jnp.zeros((n, heads, head_dim, length), dtype)
+    v = jnp.zeros((n, heads, length, head_dim), dtype)
+    return [(k, v) for _ in range(layers)]
+
+
+def write_decode_cache(cache, k: Array, v: Array, index) -> tuple[Array, Array]:
+    """The (k, v) cache (decoding layouts) with one new position's k, v [N, 1, H, d] written at ``index``."""
+    kc, vc = cache
+    k, v = decode_kv(k, v)
+    return (jax.lax.dynamic_update_slice_in_dim(kc, k.astype(kc.dtype), index, axis=3),
+            jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), index, axis=2))
 
 
 def t5_relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):

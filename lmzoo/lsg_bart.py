@@ -22,7 +22,8 @@ import numpy as np
 
 from .attention import attend, check_segment_pair, segment_positions
 from .configuration import ConfigError, ModelConfig
-from .layers import ACTIVATIONS, Embed, LayerNorm, Linear, constrain
+from .layers import (ACTIVATIONS, DECODE_KV_LAYOUT, Embed, LayerNorm, Linear, constrain, decode_kv, empty_decode_cache,
+                     write_decode_cache)
 from .lsg_attention import LSGFields, draw_lsh_projections, lsg_attention
 from .modeling import PretrainedModel
 from .outputs import Seq2SeqLMOutput
@@ -455,22 +456,19 @@ class BartModule(nn.Module):
         return self.lm_logits(h)
 
     def decode_step(self, tokens, index, cache, cross_kvs, cross_mask):
-        """One token per row at position ``index``. Head-major layouts that the step's matmuls read as they
-        are (a [N, S, H, dh] cache would be transposed whole in every step): cache per layer k [N, H, dh, S],
-        v [N, H, S, dh]; cross_kvs likewise per layer, k [B, H, dh, S_enc] and v [B, H, S_enc, dh], and
-        cross_mask [B, S_enc], one copy
-        per input row (the N = B·n rows are n beams or samples of each input row, consecutive)."""
+        """One token per row at position ``index``. The cache and cross_kvs are per layer (k, v) in the
+        decoding layouts (``DECODE_KV_LAYOUT``: k [., H, dh, S], v [., H, S, dh]); cross_kvs and cross_mask
+        [B, S_enc] hold one copy per input row, the N = B·n rows being n beams or samples of each input row,
+        consecutive."""
         c = self.config
         y = self.shared(tokens[:, None]) * jnp.asarray(c.embed_scale, c.compute_dtype)
         y = self.decoder.embed(y, jnp.reshape(index, (1,)))
         new_cache = []
         for i, layer in enumerate(self.decoder.layers):
-            k, v = layer.self_attn.project_kv(y)  # [N, 1, H, dh]
-            kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], jnp.transpose(k, (0, 2, 3, 1)).astype(cache[i][0].dtype), index, axis=3)
-            vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], jnp.swapaxes(v, 1, 2).astype(cache[i][1].dtype), index, axis=2)
-            new_cache.append((kc, vc))
-            y = layer(y, self_kv=(kc, vc), self_attn=dict(causal=True, q_offset=index, kv_layout=("bhdl", "bhld")),
-                      cross_kv=cross_kvs[i], cross_mask=cross_mask, cross_kv_layout=("bhdl", "bhld"))
+            kv = write_decode_cache(cache[i], *layer.self_attn.project_kv(y), index)
+            new_cache.append(kv)
+            y = layer(y, self_kv=kv, self_attn=dict(causal=True, q_offset=index, kv_layout=DECODE_KV_LAYOUT),
+                      cross_kv=cross_kvs[i], cross_mask=cross_mask, cross_kv_layout=DECODE_KV_LAYOUT)
         return self.lm_logits(y)[:, 0].astype(jnp.float32), new_cache
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None):
@@ -613,11 +611,8 @@ class BartForConditionalGeneration(PretrainedModel):
                 mask = jnp.ones(ids.shape, jnp.int32)
             enc, cross = module.apply(v, ids, mask, None, self.lsh_projections(inputs.get("lsh_key", jax.random.key(0))),
                                       method=BartModule.encode)
-            kvs = [(jnp.transpose(ck, (0, 2, 3, 1)), jnp.swapaxes(cv, 1, 2)) for ck, cv in module.apply(v, enc, method=BartModule.cross_kvs)]
-            n, H = ids.shape[0], c.decoder_attention_heads
-            # layouts: see BartModule.decode_step
-            cache = [(jnp.zeros((n, H, hd, max_len), c.compute_dtype), jnp.zeros((n, H, max_len, hd), c.compute_dtype))
-                     for _ in range(c.decoder_layers)]
+            kvs = [decode_kv(*kv) for kv in module.apply(v, enc, method=BartModule.cross_kvs)]
+            cache = empty_decode_cache(c.decoder_layers, ids.shape[0], c.decoder_attention_heads, hd, max_len, c.compute_dtype)
             static = {"cross": kvs, "cross_mask": cross}
             return static, cache
 

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from .configuration import ConfigError, ModelConfig
 from .attention import attend, check_segment_pair
-from .layers import ACTIVATIONS, Embed, Linear, RMSNorm, constrain, t5_relative_position_bucket
+from .layers import (ACTIVATIONS, DECODE_KV_LAYOUT, Embed, Linear, RMSNorm, constrain, decode_kv, empty_decode_cache,
+                     t5_relative_position_bucket, write_decode_cache)
 from .lsg_attention import MIN, LSGFields, draw_lsh_projections, has_lsg_keys, lsg_attention
 from .modeling import PretrainedModel
 from .outputs import Seq2SeqLMOutput
@@ -363,13 +364,11 @@ class T5Module(nn.Module):
         x = y
         for i, blk in enumerate(self.decoder.blocks):
             h = blk.self_attn_norm(x)
-            k, v = blk.self_attn.project_kv(h)  # [N,1,H,Dk]
-            kc = jax.lax.dynamic_update_slice_in_dim(cache[i][0], jnp.transpose(k, (0, 2, 3, 1)).astype(cache[i][0].dtype), index, axis=3)
-            vc = jax.lax.dynamic_update_slice_in_dim(cache[i][1], jnp.swapaxes(v, 1, 2).astype(cache[i][1].dtype), index, axis=2)
-            new_cache.append((kc, vc))
-            x = blk._clamp(x + blk.self_attn(h, (kc, vc), kv_layout=("bhdl", "bhld"), **self_attn))
+            kv = write_decode_cache(cache[i], *blk.self_attn.project_kv(h), index)
+            new_cache.append(kv)
+            x = blk._clamp(x + blk.self_attn(h, kv, kv_layout=DECODE_KV_LAYOUT, **self_attn))
             h = blk.cross_attn_norm(x).reshape(B, N // B, -1)
-            x = blk._clamp(x + blk.cross_attn(h, cross_kvs[i], key_mask=cross_mask, kv_layout=("bhdl", "bhld")).reshape(x.shape))
+            x = blk._clamp(x + blk.cross_attn(h, cross_kvs[i], key_mask=cross_mask, kv_layout=DECODE_KV_LAYOUT).reshape(x.shape))
             x = blk._clamp(x + blk.mlp(blk.mlp_norm(x)))
         h = self.decoder.final_layer_norm(x)
         return self.lm_logits(h)[:, 0].astype(jnp.float32), new_cache
@@ -496,11 +495,9 @@ class T5ForConditionalGeneration(PretrainedModel):
                 enc, mask = module.apply(v, ids, mask, None, lsh, method=T5Module.encode_lsg)
             else:
                 enc = module.apply(v, ids, mask, method=T5Module.encode)
-            cross = [(jnp.transpose(ck, (0, 2, 3, 1)), jnp.swapaxes(cv, 1, 2)) for ck, cv in module.apply(v, enc, method=T5Module.cross_kvs)]
+            cross = [decode_kv(*kv) for kv in module.apply(v, enc, method=T5Module.cross_kvs)]
             n = ids.shape[0]
-            zk = jnp.zeros((n, c.num_heads, c.d_kv, max_len), c.compute_dtype)  # layouts: see T5Module.decode_step
-            zv = jnp.zeros((n, c.num_heads, max_len, c.d_kv), c.compute_dtype)
-            cache = [(zk, zv) for _ in range(c.num_decoder_layers)]
+            cache = empty_decode_cache(c.num_decoder_layers, n, c.num_heads, c.d_kv, max_len, c.compute_dtype)
             static = {"cross": cross, "cross_mask": mask}
             return static, cache
 
