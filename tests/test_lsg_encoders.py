@@ -242,13 +242,19 @@ def _dense_reference(q, k, v, mask, table, bucket_fn, scale, allowed):
     return np.einsum("nhqk,nhkd->nhqd", p / p.sum(-1, keepdims=True), np.asarray(v, np.float64))
 
 
+@pytest.mark.parametrize("steps", ["one-step", "several-steps"])
 @pytest.mark.parametrize("family", ["cocolm", "t5"])
-def test_block_path_equals_a_dense_reference_with_the_bias_rule(family):
+def test_block_path_equals_a_dense_reference_with_the_bias_rule(family, steps, monkeypatch):
     """Local + global (sparsity none) and stride sparse keys (exact token positions, per head) on the block
     path equal dense attention with the same visible keys and the bias at the rule's positions; with T5's
-    scale (1.0) and bucket the kernel path agrees too."""
+    scale (1.0) and bucket the kernel path agrees too. "several-steps": the XLA loop takes runs of at most 2 blocks,
+    so the global queries' softmax is merged from several partial ones, each with its own bias offset."""
     rng = np.random.default_rng(0)
     n, H, d, B, t = 2, 4, 8, 8, 40
+    if steps == "several-steps":
+        import lmzoo.lsg_attention as lsg
+
+        monkeypatch.setattr(lsg, "_XLA_CHUNK_QUERIES", 2 * B)
     scale, bucket_fn = (d**-0.5, _coco_bucket()) if family == "cocolm" else (1.0, _t5_bucket)
     table = jnp.asarray(rng.normal(size=(32, H)), jnp.float32)
     q, k, v = (jnp.asarray(rng.normal(size=(n, H, G + t, d)), jnp.float32) for _ in range(3))
