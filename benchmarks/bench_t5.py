@@ -3,7 +3,8 @@
 Both run the same random weights (a transformers model is built, saved, and loaded by lmzoo). Timings
 are interleaved (lmzoo, torch, lmzoo, torch, ...) and reported as medians, since a shared machine is
 noisy. For decoding, the memory-bandwidth roofline is the decoder weight bytes read per token divided
-by the measured copy bandwidth of this machine.
+by the measured copy bandwidth of this machine. A decoding step is timed apart from the encoder, on both
+sides, as the difference between generating ``gen-tokens`` and ``gen-tokens + step-tokens`` tokens.
 
     python benchmarks/bench_t5.py [--threads 2] [--reps 5] [--src 256 --tgt 64] [--gen-tokens 32]
 """
@@ -26,6 +27,8 @@ def parse():
     p.add_argument("--batches", default="1,8")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--gen-batches", default="1,8")
+    p.add_argument("--step-tokens", type=int, default=32,
+                   help="also generate this many more tokens, to time one decoding step without the encoder (0: off)")
     p.add_argument("--small", action="store_true", help="a LongLM-small shape (quick check)")
     p.add_argument("--json", default=None, help="write results here")
     return p.parse_args()
@@ -103,11 +106,17 @@ def main():
     for B in [int(b) for b in args.gen_batches.split(",")]:
         ids = rng.integers(2, 32000, size=(B, args.src))
         mask = np.ones_like(ids)
-        kw = dict(max_length=n_new + 1, min_length=n_new + 1, num_beams=1, do_sample=False, decoder_start_token_id=1, eos_token_id=1, pad_token_id=0)
+        def settings(n):
+            return dict(max_length=n + 1, min_length=n + 1, num_beams=1, do_sample=False, decoder_start_token_id=1,
+                        eos_token_id=1, pad_token_id=0)
+
+        kw, kw_long = settings(n_new), settings(n_new + args.step_tokens)
         t = time.perf_counter()
         model.generate(ids, attention_mask=mask, **kw)
         compile_s = time.perf_counter() - t
-        tj, tt = [], []
+        if args.step_tokens:
+            model.generate(ids, attention_mask=mask, **kw_long)
+        tj, tt, tj_long, tt_long = [], [], [], []
         ti, tm = torch.tensor(ids), torch.tensor(mask)
         for _ in range(args.reps):
             t = time.perf_counter()
@@ -117,8 +126,18 @@ def main():
                 t = time.perf_counter()
                 ref = hf.generate(ti, attention_mask=tm, **kw)
                 tt.append(time.perf_counter() - t)
+            if args.step_tokens:
+                t = time.perf_counter()
+                out_long = model.generate(ids, attention_mask=mask, **kw_long)
+                tj_long.append(time.perf_counter() - t)
+                with torch.no_grad():
+                    t = time.perf_counter()
+                    ref_long = hf.generate(ti, attention_mask=tm, **kw_long)
+                    tt_long.append(time.perf_counter() - t)
         assert out.shape == tuple(ref.shape), (out.shape, ref.shape)
         same = bool((out == ref.numpy()).all())
+        if args.step_tokens:
+            same = same and bool((out_long == ref_long.numpy()).all())
         mj, mt = statistics.median(tj), statistics.median(tt)
         # time per token, excluding the encoder (measured once by a forward with a 1-token decoder)
         per_tok_j = mj / n_new
@@ -128,6 +147,13 @@ def main():
             ms_per_step=per_tok_j * 1e3, roofline_ms=roof * 1e3, roofline_fraction=roof / per_tok_j, same_ids=same,
             first_call_s=compile_s,
         )
+        if args.step_tokens:
+            sj = (statistics.median(tj_long) - mj) / args.step_tokens
+            st = (statistics.median(tt_long) - mt) / args.step_tokens
+            results[f"greedy_b{B}"].update(step_ms=sj * 1e3, torch_step_ms=st * 1e3, step_speedup=st / sj,
+                                           step_roofline_fraction=roof / sj)
+            print(f"decode step B={B} (tokens {n_new + 1}..{n_new + args.step_tokens}, no encoder): lmzoo {sj*1e3:.1f} ms  "
+                  f"torch {st*1e3:.1f} ms -> {st/sj:.2f}x; {roof/sj:.0%} of the {roof*1e3:.1f} ms roofline", flush=True)
         print(f"greedy   B={B} {n_new} tokens: lmzoo {mj:.2f} s ({B*n_new/mj:.1f} tok/s, {per_tok_j*1e3:.1f} ms/step incl. encoder share)  "
               f"torch {mt:.2f} s -> {mt/mj:.2f}x; roofline {roof*1e3:.1f} ms/step at {bw:.0f} GB/s "
               f"({roof/per_tok_j:.0%} of it); ids identical: {same}; first call {compile_s:.1f} s", flush=True)
