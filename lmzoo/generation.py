@@ -302,7 +302,8 @@ def _greedy_or_sample(dec: Decoding, s: GenerationSettings, S: int):
             return (c["cur"] < dyn["max_length"]) & jnp.any(c["alive"])
 
         def body(c):
-            logits, cache = dec.step(params, static, c["cache"], c["tokens"][:, c["cur"] - 1], c["cur"] - 1)
+            logits, cache = dec.step(params, static, _unsqueeze_rows(c["cache"], N), c["tokens"][:, c["cur"] - 1], c["cur"] - 1)
+            cache = _squeeze_rows(cache, N)
             scores = apply_processors(logits.astype(jnp.float32), c["tokens"], c["cur"], s, dyn, n_keep=1)
             if s.do_sample:
                 nxt = jax.random.categorical(jax.random.fold_in(key, c["cur"]), scores, axis=-1)
@@ -313,11 +314,24 @@ def _greedy_or_sample(dec: Decoding, s: GenerationSettings, S: int):
             alive = c["alive"] & ~_isin(nxt, dyn["eos"])
             return {"tokens": tokens, "cache": cache, "cur": c["cur"] + 1, "alive": alive}
 
-        c = {"tokens": tokens, "cache": cache, "cur": jnp.int32(first), "alive": jnp.ones((N,), bool)}
+        c = {"tokens": tokens, "cache": _squeeze_rows(cache, N), "cur": jnp.int32(first), "alive": jnp.ones((N,), bool)}
         c = jax.lax.while_loop(cond, body, c)
         return c["tokens"], c["cur"]
 
     return run
+
+
+# With a single decoding row the loop carries the cache without its row axis, and the step sees it re-added.
+# XLA's CPU fusion otherwise gives a step's attention, which reads the cache through a reshape that drops
+# the size-1 row axis, its own in-place copy of the cache update, and copy insertion then copies every layer's
+# cache several times per step: ~5 ms of a ~25 ms T5-base step with a 320-position cache. With more than one
+# row (batches, beams, several samples) it does not happen and the cache is carried as it is.
+def _squeeze_rows(cache, N: int):
+    return jax.tree.map(lambda x: x[0], cache) if N == 1 else cache
+
+
+def _unsqueeze_rows(cache, N: int):
+    return jax.tree.map(lambda x: x[None], cache) if N == 1 else cache
 
 
 def _beam_search(dec: Decoding, s: GenerationSettings, S: int):

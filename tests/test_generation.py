@@ -62,3 +62,26 @@ def test_shared_static_keeps_one_copy_per_input_row(kwargs):
     rows = 3 * max(kwargs.get("num_beams", 1), n if kwargs.get("do_sample") else 1)
     assert shared.seen and all(s == (3, rows) for s in shared.seen)
     assert expanded.seen and all(s == (rows, rows) for s in expanded.seen)
+
+
+def test_a_single_decoding_row_still_gets_a_batch_first_cache():
+    """With one row the loop carries the cache without its row axis (see generation._squeeze_rows); the step
+    must still see and return [1, ...] leaves, and the tokens must not change."""
+    seen_shapes = []
+
+    class _Counting(_Toy):
+        def decoding(self):
+            dec = super().decoding()
+
+            def step(params, static, cache, tokens, index):
+                seen_shapes.append((cache["steps"].shape, tokens.shape))
+                logits, cache = dec.step(params, static, cache, tokens, index)
+                return logits, cache
+
+            return Decoding(start=dec.start, step=step, vocab_size=V, is_encoder_decoder=True, length_bucket=None,
+                            shared_static=True)
+
+    ids = np.array([[5, 2, 2]])
+    out = generate(_Counting(True), ids, max_length=6, decoder_start_token_id=1, eos_token_id=0, pad_token_id=1)
+    np.testing.assert_array_equal(out, [[1, 5, 5, 5, 5, 5]])
+    assert seen_shapes and all(s == ((1,), (1,)) for s in seen_shapes)
