@@ -563,10 +563,7 @@ def _lsg_blocks_xla(q, k, v, mask, G, sparse, B, scale=None, bias: Optional[_Bia
         if bias is not None:
             table = jax.lax.dynamic_slice_in_dim(bias.table, h, nh, 1)
             s = s + _Bias(table, bias.bucket_fn).of(j * B + np.arange(c * B)[None, :] - gpos)[None]
-        m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
-        e = jnp.exp(s - m)
-        o = jnp.einsum("nhgk,nhkd->nhgd", e.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
-        return m, e.sum(-1, keepdims=True), o
+        return _partial_softmax(s, vals)
 
     def body(i):
         row, h, j = i // (H // nh * nc) * nr, (i // nc) % (H // nh) * nh, (i % nc) * c
@@ -631,13 +628,20 @@ def _lsg_blocks_xla(q, k, v, mask, G, sparse, B, scale=None, bias: Optional[_Bia
     s = jnp.einsum("nhgd,nhkd->nhgk", qg, kg).astype(jnp.float32) * inv
     if bias is not None:
         s = s + bias.of(np.arange(G)[None, :] - np.arange(G)[:, None])[None]
-    m0 = jax.lax.stop_gradient(s.max(-1, keepdims=True))
-    e = jnp.exp(s - m0)
+    m0, den0, o0 = _partial_softmax(s, vg)
     top = jnp.maximum(m0, m.max(2))
     w, w0 = jnp.exp(m - top[:, :, None]), jnp.exp(m0 - top)
-    num = jnp.einsum("nhgk,nhkd->nhgd", e.astype(vg.dtype), vg, preferred_element_type=jnp.float32) * w0 + (o * w).sum(2)
-    den = e.sum(-1, keepdims=True) * w0 + (den * w).sum(2)
+    num = o0 * w0 + (o * w).sum(2)
+    den = den0 * w0 + (den * w).sum(2)
     return out, (num / den).astype(qg.dtype)
+
+
+def _partial_softmax(s, vals):
+    """Scores s [n,h,q,k] (float32) over values [n,h,k,d]: (row max, sum of exp(s - max), exp(s - max) @ v)."""
+    m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    e = jnp.exp(s - m)
+    o = jnp.einsum("nhqk,nhkd->nhqd", e.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    return m, e.sum(-1, keepdims=True), o
 
 
 def _lsg_blocks_pallas(qt, kt, vt, mask, kg, vg, sparse, B, scale=None):
