@@ -118,22 +118,21 @@ def main():
             model.generate(ids, attention_mask=mask, **kw_long)
         tj, tt, tj_long, tt_long = [], [], [], []
         ti, tm = torch.tensor(ids), torch.tensor(mask)
-        for _ in range(args.reps):
+
+        def both(settings, lmzoo_times, torch_times):  # one timed generate on each side, lmzoo first
             t = time.perf_counter()
-            out = model.generate(ids, attention_mask=mask, **kw)
-            tj.append(time.perf_counter() - t)
+            ours = model.generate(ids, attention_mask=mask, **settings)
+            lmzoo_times.append(time.perf_counter() - t)
             with torch.no_grad():
                 t = time.perf_counter()
-                ref = hf.generate(ti, attention_mask=tm, **kw)
-                tt.append(time.perf_counter() - t)
+                theirs = hf.generate(ti, attention_mask=tm, **settings)
+                torch_times.append(time.perf_counter() - t)
+            return ours, theirs
+
+        for _ in range(args.reps):
+            out, ref = both(kw, tj, tt)
             if args.step_tokens:
-                t = time.perf_counter()
-                out_long = model.generate(ids, attention_mask=mask, **kw_long)
-                tj_long.append(time.perf_counter() - t)
-                with torch.no_grad():
-                    t = time.perf_counter()
-                    ref_long = hf.generate(ti, attention_mask=tm, **kw_long)
-                    tt_long.append(time.perf_counter() - t)
+                out_long, ref_long = both(kw_long, tj_long, tt_long)
         assert out.shape == tuple(ref.shape), (out.shape, ref.shape)
         same = bool((out == ref.numpy()).all())
         if args.step_tokens:
