@@ -34,8 +34,35 @@ def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
+# Rows (a decoding step's batch x beams) in this range count as "few": on CPU, XLA's matmul kernels run
+# ``x @ w`` with few rows of x at ~40 % of the speed of ``(w' @ x.T).T`` with the weight stored out-major
+# (w' [out, in], the input dimension contiguous) — T5-base, 8 rows: 768x3072 0.80 -> 0.47 ms, the tied LM
+# head 768x32128 12.3 -> 5.7 ms. One row is a matrix-vector product, as fast either way.
+FEW_ROWS = (4, 64)
+
+
+def few_rows(x: Array) -> bool:
+    """Whether ``x @ w`` with x [..., K] should take the out-major form (CPU, 4 to 64 rows)."""
+    return jax.default_backend() == "cpu" and FEW_ROWS[0] <= math.prod(x.shape[:-1]) <= FEW_ROWS[1]
+
+
+def few_rows_dot(x: Array, w_out_in: Array) -> Array:
+    """``x @ w_out_in.T`` for x [..., K] and an out-major weight [N, K], computed as ``(w_out_in @ x.T).T``.
+
+    The matmul's own [N, rows] result is kept behind an optimisation barrier and transposed afterwards
+    (left alone, XLA folds the transpose back into the matmul and runs the slow ``x @ w`` form).
+    """
+    lead = x.shape[:-1]
+    yt = jax.lax.dot_general(w_out_in, x.reshape(-1, x.shape[-1]), (((1,), (1,)), ((), ())))
+    return jax.lax.optimization_barrier(yt).T.reshape(lead + (w_out_in.shape[0],))
+
+
 class Linear(nn.Module):
-    """``y = x @ kernel (+ bias)`` with kernel [in, out] carrying logical axes ``axes``."""
+    """``y = x @ kernel (+ bias)`` with kernel [in, out] carrying logical axes ``axes``.
+
+    Given an out-major copy ``kernel_t`` [out, in] beside the kernel (made by the decoding loop for steps with
+    few rows, see :func:`few_rows_dot`), it multiplies by that instead; the result is the same product.
+    """
 
     features: int
     axes: tuple[str, str] = ("embed", "mlp")
@@ -52,7 +79,10 @@ class Linear(nn.Module):
             (x.shape[-1], self.features),
             self.param_dtype,
         )
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.has_variable("params", "kernel_t"):  # an [out, in] copy made for few-row decoding steps
+            y = few_rows_dot(x.astype(self.dtype), self.get_variable("params", "kernel_t").astype(self.dtype))
+        else:
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)), (self.features,), self.param_dtype
@@ -83,6 +113,8 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
+        if few_rows(x):  # the table is already out-major ([vocab, features])
+            return few_rows_dot(x.astype(self.dtype), self.embedding.astype(self.dtype))
         return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
 
 

@@ -172,6 +172,51 @@ def test_live_generate_matches_transformers(live_pair, kwargs):
     np.testing.assert_array_equal(got, want)
 
 
+def test_few_row_decoding_multiplies_by_out_major_copies(live_pair):
+    """On CPU a search with 4 to 64 rows multiplies by out-major ([out, in]) copies of the matrices the
+    decoding step reads, made once per params and kept on the model: the decoder's and an untied LM head's
+    kernels, not the encoder's nor the cross-attention key / value projections (those run once, before the
+    loop). The copies are the kernels transposed, and the tokens are those of the plain step."""
+    from lmzoo.convert.keymap import flatten_tree
+
+    _, model, _ = live_pair
+    ids, mask, _ = _inputs(2)
+    kw = dict(num_beams=2, max_length=12, eos_token_id=1, pad_token_id=0, decoder_start_token_id=0)
+    model.drop_decode_copies()
+    try:
+        model.out_major_decode_weights = False
+        plain = model.generate(ids, attention_mask=mask, **kw)
+        assert model._out_major is None
+        model.out_major_decode_weights = True
+        fast = model.generate(ids, attention_mask=mask, **kw)
+        np.testing.assert_array_equal(fast, plain)
+        sources, copies = model._out_major
+        flat = flatten_tree(model.params)
+        assert all(sources[k] is flat[k] for k in sources)
+        want = {k for k in flat if k[0] in ("decoder", "lm_head") and k[-1] == "kernel"
+                and k[-3:-1] not in (("cross_attn", "k"), ("cross_attn", "v"))}
+        per_block = 4 + 2 + (3 if model.config.is_gated else 2)  # self q k v o, cross q o, the MLP
+        assert set(copies) == want and len(want) == 3 * per_block + (not model.config.tie_word_embeddings)
+        for k in want:
+            np.testing.assert_array_equal(np.asarray(copies[k]), np.asarray(flat[k]).T, err_msg=str(k))
+        model.generate(ids, attention_mask=mask, **kw)
+        assert model._out_major[1] is copies  # kept, not remade
+        model._out_major = (sources, {k: v * 0 for k, v in copies.items()})  # the step really reads them
+        assert not np.array_equal(model.generate(ids, attention_mask=mask, **kw), plain)
+        block = model.params["decoder"]["block_0"]["mlp"]
+        name = "wi" if "wi" in block else "wi_0"
+        block[name] = dict(block[name], kernel=block[name]["kernel"] + 0)  # a kernel replaced in place: remade
+        np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, **kw), plain)
+        assert model._out_major[1] is not copies
+        model.drop_decode_copies()
+        model.generate(ids[:1], attention_mask=mask[:1], max_length=12, eos_token_id=1, pad_token_id=0,
+                       decoder_start_token_id=0)
+        assert model._out_major is None  # one row: a matrix-vector product, no copies
+    finally:
+        del model.out_major_decode_weights
+        model.drop_decode_copies()
+
+
 @pytest.mark.parametrize("fmt", ["pytorch", "safetensors", "orbax"])
 def test_export_round_trip(live_pair, fmt, tmp_path):
     hf, model, torch = live_pair
