@@ -37,12 +37,13 @@ def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
 # Rows (a decoding step's batch x beams) in this range count as "few": on CPU, XLA's matmul kernels run
 # ``x @ w`` with few rows of x at ~40 % of the speed of ``(w' @ x.T).T`` with the weight stored out-major
 # (w' [out, in], the input dimension contiguous) — T5-base, 8 rows: 768x3072 0.80 -> 0.47 ms, the tied LM
-# head 768x32128 12.3 -> 5.7 ms. One row is a matrix-vector product, as fast either way.
-FEW_ROWS = (4, 64)
+# head 768x32128 12.3 -> 5.7 ms. One row is a matrix-vector product, as fast either way; from ~48 rows on
+# the two forms take about the same time.
+FEW_ROWS = (4, 32)
 
 
 def few_rows(x: Array) -> bool:
-    """Whether ``x @ w`` with x [..., K] should take the out-major form (CPU, 4 to 64 rows)."""
+    """Whether ``x @ w`` with x [..., K] should take the out-major form (CPU, 4 to 32 rows)."""
     return jax.default_backend() == "cpu" and FEW_ROWS[0] <= math.prod(x.shape[:-1]) <= FEW_ROWS[1]
 
 

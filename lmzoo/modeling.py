@@ -105,7 +105,7 @@ class PretrainedModel:
     family: ClassVar[str] = ""
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     architecture: ClassVar[str] = ""  # the original class name written to config.json "architectures"
-    # CPU decoding with 4 to 64 rows keeps out-major copies of the decoder's matrices (~2x faster steps at
+    # CPU decoding with 4 to 32 rows keeps out-major copies of the decoder's matrices (~2x faster steps at
     # the memory of those matrices); False: multiply by the kernels as stored
     out_major_decode_weights: bool = True
 

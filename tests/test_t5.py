@@ -173,7 +173,7 @@ def test_live_generate_matches_transformers(live_pair, kwargs):
 
 
 def test_few_row_decoding_multiplies_by_out_major_copies(live_pair):
-    """On CPU a search with 4 to 64 rows multiplies by out-major ([out, in]) copies of the matrices the
+    """On CPU a search with 4 to 32 rows multiplies by out-major ([out, in]) copies of the matrices the
     decoding step reads, made once per params and kept on the model: the decoder's and an untied LM head's
     kernels, not the encoder's nor the cross-attention key / value projections (those run once, before the
     loop). The copies are the kernels transposed, and the tokens are those of the plain step."""
