@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import FEW_ROWS
+from lmzoo.convert.keymap import flatten_tree, unflatten_tree
+
+from .layers import few_rows
 
 __all__ = ["Decoding", "GenerationSettings", "generate", "search", "resolve_settings", "apply_processors", "dynamic_settings", "static_settings", "compile_count"]
 
@@ -502,8 +504,10 @@ def out_major_copies(model, dec: Decoding, inputs: dict, S: int) -> dict:
     """
     params = model.params
     held = getattr(model, "_out_major", None)
-    if held is not None and all(_at(params, path) is src for path, src in held[0].items()):
-        return held[1]
+    if held is not None:
+        flat = flatten_tree(params)
+        if all(flat.get(path) is src for path, src in held[0].items()):
+            return held[1]
     # Which kernels the step reads: trace it once on abstract inputs and keep the params its equations use.
     static, cache = jax.eval_shape(lambda p, i: dec.start(p, i, S), params, inputs)
     B = inputs["input_ids"].shape[0]
@@ -518,29 +522,11 @@ def out_major_copies(model, dec: Decoding, inputs: dict, S: int) -> dict:
     return copies
 
 
-def _at(tree, path):
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
-
-
 def with_kernel_copies(params, copies: dict):
     """params with each out-major copy put beside its kernel as ``kernel_t`` (what :class:`Linear` reads)."""
     if not copies:
         return params
-
-    def fresh(node):  # new dicts all the way down; the arrays are not copied
-        return {k: fresh(v) for k, v in node.items()} if isinstance(node, Mapping) else node
-
-    params = fresh(params)
-    for path, kt in copies.items():
-        node = params
-        for k in path[:-1]:
-            node = node[k]
-        node["kernel_t"] = kt
-    return params
+    return unflatten_tree({**flatten_tree(params), **{path[:-1] + ("kernel_t",): kt for path, kt in copies.items()}})
 
 
 def _bucket(n: int, b: Optional[int]) -> int:
@@ -601,7 +587,7 @@ def search(model, dec: Decoding, s: GenerationSettings, inputs: dict, S: int) ->
     B = inputs["input_ids"].shape[0]
     N = B * (s.num_beams if beam else s.num_return_sequences if s.do_sample else 1)
     copies = {}
-    if getattr(model, "out_major_decode_weights", False) and jax.default_backend() == "cpu" and FEW_ROWS[0] <= N <= FEW_ROWS[1]:
+    if getattr(model, "out_major_decode_weights", False) and few_rows(N):
         copies = out_major_copies(model, dec, inputs, S)
     tokens, width = fn(model.params, copies, inputs, dynamic_settings(s), jax.random.PRNGKey(s.seed))
     return np.asarray(tokens)[:, : int(width)]

@@ -42,9 +42,9 @@ def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
 FEW_ROWS = (4, 32)
 
 
-def few_rows(x: Array) -> bool:
-    """Whether ``x @ w`` with x [..., K] should take the out-major form (CPU, 4 to 32 rows)."""
-    return jax.default_backend() == "cpu" and FEW_ROWS[0] <= math.prod(x.shape[:-1]) <= FEW_ROWS[1]
+def few_rows(rows: int) -> bool:
+    """Whether a matmul with this many rows should take the out-major form (CPU, 4 to 32 rows)."""
+    return jax.default_backend() == "cpu" and FEW_ROWS[0] <= rows <= FEW_ROWS[1]
 
 
 def few_rows_dot(x: Array, w_out_in: Array) -> Array:
@@ -114,7 +114,7 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
-        if few_rows(x):  # the table is already out-major ([vocab, features])
+        if few_rows(math.prod(x.shape[:-1])):  # the table is already out-major ([vocab, features])
             return few_rows_dot(x.astype(self.dtype), self.embedding.astype(self.dtype))
         return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
 
