@@ -6,6 +6,7 @@ Family files compose these and state only what differs. Params are plain arrays 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -196,7 +197,12 @@ def dot_product_attention(
     ``kv_layout`` names how k and v are laid out: "blhd" (above), "bhld" or "bhdl", or a pair
     (k layout, v layout) — decoding keeps its caches head-major so that every step's matmuls read them
     without a transpose.
-    Returns (out [B,Lq,H,D], probs [B,H,Lq,Lk]).
+
+    The values are weighted by the unnormalised ``exp(s - max)`` and the result divided by the row sums
+    afterwards (one division per output element instead of one per score). On CPU XLA then fuses the
+    exponential, the sums and the matmul into one kernel that runs on every core; normalising first
+    gave a slower single-threaded matmul (T5-base, batch 8 x 256 tokens: ~1.2-1.7x the attention time).
+    Returns (out [B,Lq,H,D], probs [B,H,Lq,Lk]); the probabilities cost nothing unless used.
     """
     kv = KV_LAYOUTS[kv_layouts(kv_layout)[0]]
     scores = jnp.einsum(f"bqhd,{kv}->bhqk", q.astype(dtype) * jnp.asarray(scale, dtype) if scale != 1.0 else q.astype(dtype), k.astype(dtype))
@@ -206,13 +212,40 @@ def dot_product_attention(
     if mask is not None:
         fill = jnp.finfo(jnp.float32).min if mask_value is None else mask_value
         scores = jnp.where(mask, scores, fill)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return weighted_values(probs, v, kv_layout=kv_layout, dtype=dtype), probs
+    equation = f"bhqk,{KV_LAYOUTS[kv_layouts(kv_layout)[1]]}->bhqd"
+    out = _softmax_weighted_values(scores, v, equation, jnp.dtype(dtype))
+    return _head_major_output(out), jax.nn.softmax(scores, axis=-1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _softmax_weighted_values(scores: Array, v: Array, equation: str, dtype) -> Array:
+    """``einsum(equation, softmax(scores), v)`` with the division by the row sums done last (see
+    :func:`dot_product_attention`). Differentiated (training), it is the softmax-first form, values and
+    derivatives: the two differ by rounding only, and gradients keep the form they always had."""
+    e = jnp.exp(scores - scores.max(-1, keepdims=True))
+    out = jnp.einsum(equation, e.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
+    return (out / e.sum(-1, keepdims=True)).astype(dtype)
+
+
+@_softmax_weighted_values.defjvp
+def _softmax_weighted_values_jvp(equation, dtype, primals, tangents):
+    scores, v = primals
+    d_scores, d_v = tangents
+    p = jax.nn.softmax(scores, axis=-1)
+    d_p = p * (d_scores - (p * d_scores).sum(-1, keepdims=True))
+    out = jnp.einsum(equation, p.astype(dtype), v.astype(dtype))
+    d_out = jnp.einsum(equation, d_p.astype(dtype), v.astype(dtype)) + jnp.einsum(equation, p.astype(dtype), d_v.astype(dtype))
+    return out, d_out.astype(dtype)
 
 
 def weighted_values(probs: Array, v: Array, *, kv_layout: str = "blhd", dtype: Any = jnp.float32) -> Array:
     """``sum_k probs[b,h,q,k] v[b,k,h,:]`` as [B,Lq,H,D] (v laid out as ``kv_layout`` names)."""
     out = jnp.einsum(f"bhqk,{KV_LAYOUTS[kv_layouts(kv_layout)[1]]}->bhqd", probs.astype(dtype), v.astype(dtype))
+    return _head_major_output(out)
+
+
+def _head_major_output(out: Array) -> Array:
+    """[B,H,Lq,D] -> [B,Lq,H,D], transposed after the matmul that made it."""
     if jax.default_backend() == "cpu":
         # Keep the matmul's own [B,H,Lq,D] output and transpose it afterwards: left alone, XLA's CPU layout
         # assignment folds the transpose into the matmul, which then runs several times slower (the

@@ -588,3 +588,38 @@ def test_attend_reads_head_major_kv_layouts(impl):
     for bad in ("lbhd", ("bhdl",), ("bhdl", "lbhd")):
         with pytest.raises(ValueError, match="kv_layout"):
             attend(q, k, v, kv_layout=bad)
+
+
+def test_xla_attention_divides_late_and_differentiates_the_softmax_first_form():
+    """The XLA path weights the values by exp(s - max) and divides by the row sums afterwards; its values
+    match softmax-then-matmul (a fully masked row included), and under differentiation it is that form,
+    so gradients (reverse and forward mode) are the softmax-first ones."""
+    from lmzoo.layers import dot_product_attention
+
+    r = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(r.normal(size=(2, n, 3, 8)) * 3, jnp.float32) for n in (5, 6, 6))
+    mask = jnp.asarray(r.random((2, 1, 5, 6)) > 0.4).at[1, :, 2].set(False)  # row 2 of example 1 sees nothing
+    bias = jnp.asarray(r.normal(size=(1, 3, 5, 6)), jnp.float32)
+
+    def softmax_first(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q * 0.5, k) + bias
+        p = jax.nn.softmax(jnp.where(mask, s, F32_MIN), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    def late(q, k, v):
+        return dot_product_attention(q, k, v, bias=bias, mask=mask, scale=0.5)[0]
+
+    want = softmax_first(q, k, v)
+    got, probs = dot_product_attention(q, k, v, bias=bias, mask=mask, scale=0.5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(got[1, 2]), np.asarray(v[1].mean(0)), rtol=1e-5, atol=1e-6)  # uniform
+    np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, rtol=1e-6)
+    w = jnp.asarray(r.normal(size=want.shape), jnp.float32)
+    g_want = jax.grad(lambda *a: jnp.sum(softmax_first(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    g_got = jax.grad(lambda *a: jnp.sum(late(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_got, g_want):  # same formula; rounding differs where p * (g - sum(p g)) cancels
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    t = tuple(jnp.asarray(r.normal(size=x.shape), jnp.float32) for x in (q, k, v))
+    _, j_want = jax.jvp(softmax_first, (q, k, v), t)
+    _, j_got = jax.jvp(late, (q, k, v), t)
+    np.testing.assert_allclose(np.asarray(j_got), np.asarray(j_want), rtol=1e-5, atol=1e-5)
