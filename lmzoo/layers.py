@@ -229,13 +229,10 @@ def _softmax_weighted_values(scores: Array, v: Array, equation: str, dtype) -> A
 
 @_softmax_weighted_values.defjvp
 def _softmax_weighted_values_jvp(equation, dtype, primals, tangents):
-    scores, v = primals
-    d_scores, d_v = tangents
-    p = jax.nn.softmax(scores, axis=-1)
-    d_p = p * (d_scores - (p * d_scores).sum(-1, keepdims=True))
-    out = jnp.einsum(equation, p.astype(dtype), v.astype(dtype))
-    d_out = jnp.einsum(equation, d_p.astype(dtype), v.astype(dtype)) + jnp.einsum(equation, p.astype(dtype), d_v.astype(dtype))
-    return out, d_out.astype(dtype)
+    def softmax_first(scores, v):
+        return jnp.einsum(equation, jax.nn.softmax(scores, axis=-1).astype(dtype), v.astype(dtype))
+
+    return jax.jvp(softmax_first, primals, tangents)
 
 
 def weighted_values(probs: Array, v: Array, *, kv_layout: str = "blhd", dtype: Any = jnp.float32) -> Array:
