@@ -212,8 +212,7 @@ def dot_product_attention(
     if mask is not None:
         fill = jnp.finfo(jnp.float32).min if mask_value is None else mask_value
         scores = jnp.where(mask, scores, fill)
-    equation = f"bhqk,{KV_LAYOUTS[kv_layouts(kv_layout)[1]]}->bhqd"
-    out = _softmax_weighted_values(scores, v, equation, jnp.dtype(dtype))
+    out = _softmax_weighted_values(scores, v, _values_equation(kv_layout), jnp.dtype(dtype))
     return _head_major_output(out), jax.nn.softmax(scores, axis=-1)
 
 
@@ -237,8 +236,13 @@ def _softmax_weighted_values_jvp(equation, dtype, primals, tangents):
 
 def weighted_values(probs: Array, v: Array, *, kv_layout: str = "blhd", dtype: Any = jnp.float32) -> Array:
     """``sum_k probs[b,h,q,k] v[b,k,h,:]`` as [B,Lq,H,D] (v laid out as ``kv_layout`` names)."""
-    out = jnp.einsum(f"bhqk,{KV_LAYOUTS[kv_layouts(kv_layout)[1]]}->bhqd", probs.astype(dtype), v.astype(dtype))
+    out = jnp.einsum(_values_equation(kv_layout), probs.astype(dtype), v.astype(dtype))
     return _head_major_output(out)
+
+
+def _values_equation(kv_layout) -> str:
+    """einsum of weights [B,H,Lq,Lk] with values laid out as ``kv_layout`` names, giving [B,H,Lq,D]."""
+    return f"bhqk,{KV_LAYOUTS[kv_layouts(kv_layout)[1]]}->bhqd"
 
 
 def _head_major_output(out: Array) -> Array:
