@@ -499,8 +499,9 @@ def out_major_copies(model, dec: Decoding, inputs: dict, S: int) -> dict:
     faster against out-major weights (see :func:`lmzoo.layers.few_rows_dot`). The copies are made once and
     kept on the model (remade when any of their kernels is no longer the model's), since remaking them in
     every call costs more than a short search saves (page faults on ~0.4 GB for T5-base). They cost the
-    memory of those matrices: ``model.out_major_decode_weights = False`` goes without them, and
-    ``model.drop_decode_copies()`` frees them.
+    memory of those matrices, and none are made when that exceeds ``model.out_major_decode_max_bytes``
+    (2 GiB by default); ``model.out_major_decode_weights = False`` goes without them, and
+    ``model.drop_decode_copies()`` frees them (and forgets that decision).
     """
     params = model.params
     held = getattr(model, "_out_major", None)
@@ -517,7 +518,10 @@ def out_major_copies(model, dec: Decoding, inputs: dict, S: int) -> dict:
     flat = [(tuple(k.key for k in path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
     kernels = {path: leaf for (path, leaf), var in zip(flat, closed.jaxpr.invars)
                if var in used and path[-1] == "kernel" and leaf.ndim == 2}
-    copies = jax.jit(lambda ks: {path: k.T for path, k in ks.items()})(kernels)
+    if sum(k.nbytes for k in kernels.values()) > getattr(model, "out_major_decode_max_bytes", float("inf")):
+        copies = {}  # too big to hold twice: the step multiplies by the kernels as stored
+    else:
+        copies = jax.jit(lambda ks: {path: k.T for path, k in ks.items()})(kernels)
     model._out_major = (kernels, copies)
     return copies
 

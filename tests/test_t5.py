@@ -173,10 +173,11 @@ def test_live_generate_matches_transformers(live_pair, kwargs):
 
 
 def test_few_row_decoding_multiplies_by_out_major_copies(live_pair):
-    """On CPU a search with 4 to 32 rows multiplies by out-major ([out, in]) copies of the matrices the
+    """On CPU a search with 1 to 32 rows multiplies by out-major ([out, in]) copies of the matrices the
     decoding step reads, made once per params and kept on the model: the decoder's and an untied LM head's
     kernels, not the encoder's nor the cross-attention key / value projections (those run once, before the
-    loop). The copies are the kernels transposed, and the tokens are those of the plain step."""
+    loop). The copies are the kernels transposed, and the tokens are those of the plain step. None are made
+    when they would take more than ``out_major_decode_max_bytes``."""
     from lmzoo.convert.keymap import flatten_tree
 
     _, model, _ = live_pair
@@ -209,11 +210,19 @@ def test_few_row_decoding_multiplies_by_out_major_copies(live_pair):
         np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, **kw), plain)
         assert model._out_major[1] is not copies
         model.drop_decode_copies()
-        model.generate(ids[:1], attention_mask=mask[:1], max_length=12, eos_token_id=1, pad_token_id=0,
-                       decoder_start_token_id=0)
-        assert model._out_major is None  # one row: a matrix-vector product, no copies
+        greedy = dict(kw, num_beams=1)
+        one_plain = model.generate(ids[:1], attention_mask=mask[:1], **greedy)
+        assert set(model._out_major[1]) == want  # one row, a matrix-vector product, reads them too
+        held, one_copies = model._out_major
+        model._out_major = (held, {k: v * 0 for k, v in one_copies.items()})
+        assert not np.array_equal(model.generate(ids[:1], attention_mask=mask[:1], **greedy), one_plain)
+        model.drop_decode_copies()
+        model.out_major_decode_max_bytes = sum(flat[k].nbytes for k in want) - 1  # one byte short
+        np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, **kw), plain)
+        assert model._out_major[1] == {}  # too big to hold twice: the kernels as stored
     finally:
         del model.out_major_decode_weights
+        model.__dict__.pop("out_major_decode_max_bytes", None)
         model.drop_decode_copies()
 
 
