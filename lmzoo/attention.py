@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import KV_LENGTH_AXIS, dot_product_attention, kv_layouts, weighted_values
+from .layers import F32_MIN, KV_LENGTH_AXIS, dot_product_attention, kv_layouts, weighted_values
 
 __all__ = ["attend", "kernel_block", "segment_positions", "check_segment_pair"]
 
-F32_MIN = float(np.finfo(np.float32).min)
 
 
 def kernel_block(length: int, preferred: int = 128) -> int:

@@ -590,6 +590,31 @@ def test_attend_reads_head_major_kv_layouts(impl):
             attend(q, k, v, kv_layout=bad)
 
 
+def test_xla_attention_adds_the_default_mask_and_replaces_any_other_fill():
+    """With the default fill (the float32 minimum) the XLA path adds the mask instead of selecting it: the
+    same scores bit for bit, the minimum absorbing any score below 2**103, so a fully masked row still
+    attends uniformly. Any other fill (GLM's, PALM's) replaces the masked scores, as the originals do: a
+    fully masked row is uniform although its scores differ, where adding the fill would not be."""
+    from lmzoo.layers import dot_product_attention
+
+    r = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(r.normal(size=(2, n, 3, 8)) * 40, jnp.float32) for n in (5, 7, 7))  # scores ~1e4
+    mask = jnp.asarray(r.random((2, 1, 5, 7)) > 0.4).at[0, :, 3].set(False)
+
+    def replaced(fill):  # select, then the same late division, op by op
+        s = jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", q, k), fill)
+        e = jnp.exp(s - s.max(-1, keepdims=True))
+        return jnp.swapaxes(jnp.einsum("bhqk,bkhd->bhqd", e, v) / e.sum(-1, keepdims=True), 1, 2)
+
+    got = dot_product_attention(q, k, v, mask=mask)[0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(replaced(F32_MIN)))
+    np.testing.assert_allclose(np.asarray(got[0, 3]), np.asarray(v[0].mean(0)), rtol=1e-5, atol=1e-4)
+    for fill in (-10000.0, -1e18):
+        other = dot_product_attention(q, k, v, mask=mask, mask_value=fill)[0]
+        np.testing.assert_allclose(np.asarray(other), np.asarray(replaced(fill)), rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(other[0, 3]), np.asarray(v[0].mean(0)), rtol=1e-5, atol=1e-4)
+
+
 def test_xla_attention_divides_late_and_differentiates_the_softmax_first_form():
     """The XLA path weights the values by exp(s - max) and divides by the row sums afterwards; its values
     match softmax-then-matmul (a fully masked row included), and under differentiation it is that form,
