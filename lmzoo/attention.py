@@ -17,12 +17,10 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .layers import F32_MIN, KV_LENGTH_AXIS, dot_product_attention, kv_layouts, weighted_values
 
 __all__ = ["attend", "kernel_block", "segment_positions", "check_segment_pair"]
-
 
 
 def kernel_block(length: int, preferred: int = 128) -> int:
