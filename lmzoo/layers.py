@@ -218,7 +218,7 @@ def dot_product_attention(
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     fill = F32_MIN if mask_value is None else float(mask_value)
-    out = _softmax_weighted_values(scores, mask, v, fill, _values_equation(kv_layout), jnp.dtype(dtype))
+    out = softmax_weighted_values(scores, mask, v, fill, _values_equation(kv_layout), jnp.dtype(dtype))
     return _head_major_output(out), jax.nn.softmax(_masked(scores, mask, fill), axis=-1)
 
 
@@ -228,7 +228,7 @@ def _masked(scores: Array, mask: Optional[Array], fill: float) -> Array:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
-def _softmax_weighted_values(scores: Array, mask: Optional[Array], v: Array, fill: float, equation: str, dtype) -> Array:
+def softmax_weighted_values(scores: Array, mask: Optional[Array], v: Array, fill: float, equation: str, dtype) -> Array:
     """``einsum(equation, softmax(scores with masked ones replaced by fill), v)``, the masked scores added
     the float32 minimum instead when that is the fill, and the division by the row sums done last (see
     :func:`dot_product_attention`). Differentiated (training), it is the replace-then-softmax-first form,
@@ -243,7 +243,7 @@ def _softmax_weighted_values(scores: Array, mask: Optional[Array], v: Array, fil
     return (out / e.sum(-1, keepdims=True)).astype(dtype)
 
 
-@_softmax_weighted_values.defjvp
+@softmax_weighted_values.defjvp
 def _softmax_weighted_values_jvp(fill, equation, dtype, primals, tangents):
     scores, mask, v = primals
     d_scores, _, d_v = tangents

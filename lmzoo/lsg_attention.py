@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .configuration import ConfigError
+from .layers import F32_MIN, softmax_weighted_values
 
 __all__ = [
     "SPARSITY_TYPES",
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 SPARSITY_TYPES = (None, "none", "norm", "lsh", "pooling", "stride", "block_stride", "bos_pooling")
-MIN = float(np.finfo(np.float32).min)
+MIN = F32_MIN
 
 # The config.json keys the LSG authors write (their LSG*Config defaults below).
 LSG_CONFIG_KEYS = ("adaptive", "block_size", "lsh_num_pre_rounds", "mask_first_token", "num_global_tokens",
@@ -385,11 +386,12 @@ def _lsh(k, v, keep, block_size, sparse_block_size, sf, projections, num_pre_rou
 
 
 def _softmax_attend(q, k, v, mask, equation_qk, equation_pv, scale=None):
+    """softmax(q k' * scale + mask) v, the division by the row sums done after weighting the values (see
+    :func:`lmzoo.layers.dot_product_attention`; differentiated, the softmax-first form)."""
     d = q.shape[-1]
     s = jnp.einsum(equation_qk, q, k).astype(jnp.float32)
     s = s / jnp.float32(math.sqrt(d)) if scale is None else s * jnp.float32(scale)
-    p = jax.nn.softmax(s + mask, axis=-1)
-    return jnp.einsum(equation_pv, p.astype(v.dtype), v)
+    return softmax_weighted_values(s + mask, None, v, MIN, equation_pv, jnp.dtype(v.dtype))
 
 
 def _dense(q, k, v, mask, scale=None):
